@@ -1,0 +1,195 @@
+"""Persistent LM-result stores (SQLite, WAL mode, safe for threads and for concurrent processes).
+
+- ``VerbalizationCache``: key = SHA-256 of the image bytes, the I2T instruction, the model id, the decoding
+  parameters and the task's text fields. No image is verbalized twice under one instruction, within a compile or
+  across compiles that share the file.
+- ``CallJournal``: every finished judge and proposer result of a compile, keyed by the full content of the call.
+  A killed compile re-runs deterministically and finds every finished call here, so resuming repeats none.
+
+Values are JSON; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from blpo_dspy.images import image_sha256
+
+_DECODING_KEYS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "top_k", "seed", "n", "rollout_id")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
+"""
+
+
+def content_key(*parts: Any) -> str:
+    """A stable SHA-256 key over JSON-serialisable parts."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def lm_identity(lm: dspy.LM | None) -> dict[str, Any]:
+    """Model id and decoding parameters of an LM (never credentials or endpoints)."""
+    if lm is None:
+        return {"model": None}
+    kwargs = getattr(lm, "kwargs", {}) or {}
+    decoding = {k: kwargs[k] for k in _DECODING_KEYS if k in kwargs and kwargs[k] is not None}
+    return {"model": getattr(lm, "model", type(lm).__name__), "decoding": decoding}
+
+
+class SQLiteStore:
+    """A namespaced key -> JSON value store in one SQLite file (WAL, one connection per thread).
+
+    Args:
+        path: The database file (created with its parent directory).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connect()  # create the schema eagerly so errors surface here
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SQLiteStore:
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("stores are not picklable; pass the path instead")
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.executescript(_SCHEMA)
+            self._local.conn = conn
+        return conn
+
+    def get(self, namespace: str, key: str) -> Any | None:
+        """The stored value, or ``None``."""
+        row = self._connect().execute(
+            "SELECT value FROM entries WHERE namespace = ? AND key = ?", (namespace, key)
+        ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put(self, namespace: str, key: str, value: Any) -> None:
+        """Store a value (first writer wins: an existing entry is kept)."""
+        self._connect().execute(
+            "INSERT OR IGNORE INTO entries(namespace, key, value, created) VALUES (?, ?, ?, ?)",
+            (namespace, key, json.dumps(value, ensure_ascii=False), time.time()),
+        )
+
+    def count(self, namespace: str) -> int:
+        """Number of entries in a namespace."""
+        return self._connect().execute("SELECT COUNT(*) FROM entries WHERE namespace = ?", (namespace,)).fetchone()[0]
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+class VerbalizationCache:
+    """Verbalizations keyed by (image SHA-256, instruction, model id, decoding parameters, text fields).
+
+    Args:
+        path: SQLite file; share one file between compiles to share verbalizations.
+    """
+
+    namespace = "verbalization"
+
+    def __init__(self, path: str | Path) -> None:
+        self.store = SQLiteStore(path)
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> VerbalizationCache:
+        return self
+
+    @staticmethod
+    def key(
+        *, image_sha256: str, instruction: str, lm: dspy.LM | None, text_fields: Mapping[str, str] | None = None
+    ) -> str:
+        """The cache key of one verbalization."""
+        return content_key("v1", image_sha256, instruction, lm_identity(lm), dict(text_fields or {}))
+
+    def get(self, key: str) -> str | None:
+        """A cached description, counting hits and misses."""
+        value = self.store.get(self.namespace, key)
+        with self._lock:
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+        return None if value is None else value["description"]
+
+    def put(self, key: str, description: str, *, image_sha256: str, instruction: str, model: str | None) -> None:
+        """Store a description with its provenance."""
+        self.store.put(
+            self.namespace,
+            key,
+            {"description": description, "image_sha256": image_sha256, "instruction": instruction, "model": model},
+        )
+
+    def get_or_compute(
+        self,
+        *,
+        image: dspy.Image,
+        instruction: str,
+        lm: dspy.LM | None,
+        text_fields: Mapping[str, str],
+        compute: Callable[[], str],
+    ) -> dspy.Prediction:
+        """Return the cached description or compute, store and return it."""
+        digest = image_sha256(image)
+        key = self.key(image_sha256=digest, instruction=instruction, lm=lm, text_fields=text_fields)
+        cached = self.get(key)
+        if cached is not None:
+            return dspy.Prediction(description=cached, cached=True)
+        description = compute()
+        self.put(key, description, image_sha256=digest, instruction=instruction, model=lm_identity(lm)["model"])
+        return dspy.Prediction(description=description, cached=False)
+
+    def __len__(self) -> int:
+        return self.store.count(self.namespace)
+
+
+class CallJournal:
+    """Finished judge/proposer results of one compile, keyed by call content (for resume without repeats).
+
+    Args:
+        path: SQLite file in the run directory.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.store = SQLiteStore(path)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CallJournal:
+        return self
+
+    def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        """A finished result or ``None``."""
+        return self.store.get(kind, key)
+
+    def put(self, kind: str, key: str, value: Mapping[str, Any]) -> None:
+        """Record a finished result (before it is used)."""
+        self.store.put(kind, key, dict(value))

@@ -1,0 +1,215 @@
+"""DSPy modules: the Verbalizer (image-to-text, instruction q), the Judge (instruction p) and ImageJudge.
+
+LMs are held as plain attributes and applied with ``dspy.context(lm=...)`` inside ``forward``: a predictor's own
+``.lm`` is dropped by ``reset_copy()`` (BootstrapFewShot) and mixed predictor LMs crash SIMBA, whereas plain
+attributes survive ``deepcopy`` and every built-in optimizer. Instructions are only ever set with
+``pred.signature = pred.signature.with_instructions(text)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import dspy
+
+from blpo_dspy.task import JUDGE_SEES, LABEL_FIELD, RATIONALE_FIELD, JudgeSees, Task
+
+if TYPE_CHECKING:
+    from blpo_dspy.cache import VerbalizationCache
+
+logger = logging.getLogger(__name__)
+
+VERBALIZER = "verbalizer"
+JUDGE = "judge"
+
+
+@contextlib.contextmanager
+def _lm_context(lm: dspy.LM | None) -> Iterator[None]:
+    if lm is None:
+        yield
+    else:
+        with dspy.context(lm=lm):
+            yield
+
+
+def _error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+class Verbalizer(dspy.Module):
+    """Image-to-text module g(x; q): one image (+ the task's text fields) -> ``description``.
+
+    Args:
+        task: The judging task.
+        instruction: The I2T instruction q (defaults to the task card's seed instruction).
+    """
+
+    def __init__(self, task: Task, instruction: str | None = None) -> None:
+        super().__init__()
+        self.task = task
+        self.predict = dspy.Predict(task.verbalizer_signature(instruction))
+        self.cache: VerbalizationCache | None = None
+
+    @property
+    def instruction(self) -> str:
+        """The current I2T instruction q."""
+        return self.predict.signature.instructions
+
+    def set_instruction(self, text: str) -> None:
+        """Replace the I2T instruction (through ``with_instructions``, never by mutation)."""
+        self.predict.signature = self.predict.signature.with_instructions(text)
+
+    def forward(self, image: dspy.Image, **text_fields: Any) -> dspy.Prediction:
+        """Describe one image. Raises on LM failure (callers decide how to score it)."""
+        fields = {name: text_fields.get(name, "") for name in self.task.text_fields}
+        lm = dspy.settings.lm
+        if self.cache is not None and lm is not None:
+            return self.cache.get_or_compute(
+                image=image,
+                instruction=self.instruction,
+                lm=lm,
+                text_fields=fields,
+                compute=lambda: self.predict(image=image, **fields).description,
+            )
+        description = self.predict(image=image, **fields).description
+        return dspy.Prediction(description=description, cached=False)
+
+
+class Judge(dspy.Module):
+    """The judge f(x; p): image(s) and/or verbalization(s) + text fields -> rationale + canonical label.
+
+    The LM's label is parsed leniently with ``Task.parse_label``; an unparseable answer or a failed call becomes a
+    prediction with ``label=None`` and ``error`` set, never an exception.
+
+    Args:
+        task: The judging task.
+        judge_sees: ``"image"``, ``"text"`` or ``"both"``.
+        instruction: The judge instruction p (defaults to the card's seed instruction).
+    """
+
+    def __init__(self, task: Task, judge_sees: JudgeSees = "image", instruction: str | None = None) -> None:
+        super().__init__()
+        self.task = task
+        self.judge_sees = judge_sees
+        self.predict = dspy.Predict(task.judge_signature(judge_sees, instruction))
+
+    @property
+    def instruction(self) -> str:
+        """The current judge instruction p."""
+        return self.predict.signature.instructions
+
+    def set_instruction(self, text: str) -> None:
+        """Replace the judge instruction (through ``with_instructions``)."""
+        self.predict.signature = self.predict.signature.with_instructions(text)
+
+    def forward(self, **inputs: Any) -> dspy.Prediction:
+        """Judge one example; never raises for an LM failure or an unparseable label."""
+        wanted = set(self.predict.signature.input_fields)
+        kwargs = {k: v for k, v in inputs.items() if k in wanted}
+        try:
+            raw = self.predict(**kwargs)
+        except Exception as exc:  # a failed call is a scored failure, not a crash
+            logger.debug("judge call failed: %s", _error_text(exc))
+            return dspy.Prediction(label=None, raw_label=None, rationale="", error=_error_text(exc))
+        raw_label = getattr(raw, LABEL_FIELD, None)
+        label = self.task.parse_label(raw_label)
+        error = None if label is not None else f"unparseable label: {str(raw_label)[:80]!r}"
+        return dspy.Prediction(
+            label=label, raw_label=raw_label, rationale=getattr(raw, RATIONALE_FIELD, "") or "", error=error
+        )
+
+
+class ImageJudge(dspy.Module):
+    """A judge program: Verbalizer (q) + Judge (p) for one task.
+
+    With ``judge_sees="image"`` (the paper's setting) the judge reads the image and the verbalizer serves the
+    optimizer only; ``"text"`` makes a cheap text judge over verbalizations; ``"both"`` gives the judge both.
+
+    Args:
+        task: The task (a ``Task`` or a built-in task name).
+        judge_sees: What the judge reads.
+        verbalizer_lm: LM for the verbalizer (vision); ``None`` uses the configured ``dspy.settings.lm``.
+        judge_lm: LM for the judge; ``None`` uses the configured LM.
+
+    Example:
+        >>> program = ImageJudge("alignment", judge_sees="text")  # doctest: +SKIP
+        >>> program(image=dspy.Image.from_path("cat.png"), prompt="a cat").label  # doctest: +SKIP
+        'yes'
+    """
+
+    def __init__(
+        self,
+        task: Task | str,
+        judge_sees: JudgeSees = "image",
+        verbalizer_lm: dspy.LM | None = None,
+        judge_lm: dspy.LM | None = None,
+    ) -> None:
+        super().__init__()
+        if judge_sees not in JUDGE_SEES:
+            raise ValueError(f"judge_sees must be one of {JUDGE_SEES}, got {judge_sees!r}")
+        self.task = task if isinstance(task, Task) else Task.load(task)
+        self.judge_sees = judge_sees
+        self.verbalizer_lm = verbalizer_lm
+        self.judge_lm = judge_lm
+        self.verbalizer = Verbalizer(self.task)
+        self.judge = Judge(self.task, judge_sees)
+
+    # ------------------------------------------------------------------ instructions
+    @property
+    def instructions(self) -> dict[str, str]:
+        """``{"verbalizer": q, "judge": p}``."""
+        return {VERBALIZER: self.verbalizer.instruction, JUDGE: self.judge.instruction}
+
+    def with_instructions(self, *, verbalizer: str | None = None, judge: str | None = None) -> ImageJudge:
+        """A deep copy with the given instructions replaced (the original is left untouched)."""
+        program = self.deepcopy()
+        if verbalizer is not None:
+            program.verbalizer.set_instruction(verbalizer)
+        if judge is not None:
+            program.judge.set_instruction(judge)
+        return program
+
+    def set_cache(self, cache: VerbalizationCache | None) -> None:
+        """Attach a verbalization cache used by the verbalizer in ``forward``."""
+        self.verbalizer.cache = cache
+
+    # ------------------------------------------------------------------ calls
+    def verbalize(self, **inputs: Any) -> dict[str, str]:
+        """Verbalize every image field of one example under the current q: ``{description_field: text}``.
+
+        Raises:
+            Exception: the verbalizer LM's error (callers turn it into a scored failure).
+        """
+        text = {name: inputs.get(name, "") for name in self.task.text_fields}
+        out: dict[str, str] = {}
+        with _lm_context(self.verbalizer_lm):
+            for image_field, desc_field in zip(self.task.image_fields, self.task.description_fields, strict=True):
+                out[desc_field] = self.verbalizer(image=inputs[image_field], **text).description
+        return out
+
+    def forward(self, **inputs: Any) -> dspy.Prediction:
+        """Judge one example. Returns a prediction with ``label`` (canonical or ``None``), ``raw_label``,
+        ``rationale``, ``error`` and, when the judge reads text, the verbalizations."""
+        descriptions: dict[str, str] = {}
+        if self.judge_sees in ("text", "both"):
+            try:
+                descriptions = self.verbalize(**inputs)
+            except Exception as exc:
+                logger.debug("verbalizer call failed: %s", _error_text(exc))
+                return dspy.Prediction(
+                    label=None, raw_label=None, rationale="", error="verbalizer: " + _error_text(exc)
+                )
+        with _lm_context(self.judge_lm):
+            result = self.judge(**inputs, **descriptions)
+        if descriptions:
+            result = dspy.Prediction(**result.toDict(), **descriptions)
+        return result
+
+
+def named_instruction_predictors(program: dspy.Module) -> Mapping[str, dspy.Predict]:
+    """The verbalizer and judge predictors of an ``ImageJudge`` (or any module holding ``verbalizer``/``judge``)."""
+    return {VERBALIZER: program.verbalizer.predict, JUDGE: program.judge.predict}

@@ -1,0 +1,885 @@
+"""BLPO: bi-level prompt optimization for multimodal LLM judges, as a DSPy teleprompter.
+
+Pan, Kan et al., "Bi-Level Prompt Optimization for Multimodal LLM-as-a-Judge", arXiv 2602.11340 (2026).
+
+Outer loop over the judge instruction p, inner loop over the image-to-text (I2T) instruction q. An I2T instruction
+is scored by how much the judge-instruction update it enables fixes the judge's errors: q is a tool for p.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import dspy
+from dspy.teleprompt import Teleprompter
+from dspy.utils.parallelizer import ParallelExecutor
+
+from blpo_dspy.budget import BudgetExhausted, UsageLedger, normalise_caps
+from blpo_dspy.cache import CallJournal, VerbalizationCache, content_key, lm_identity
+from blpo_dspy.images import image_sha256
+from blpo_dspy.modules import Judge
+from blpo_dspy.task import Label, Task
+from blpo_dspy.teleprompt.errors import BalancedSampler, BatchSampler
+from blpo_dspy.teleprompt.proposers import (
+    ErrorCase,
+    UpdateJudgeInstruction,
+    UpdateVerbalizerInstruction,
+    clean_instruction,
+    render_errors,
+    render_history,
+    render_tried,
+    task_description,
+)
+from blpo_dspy.teleprompt.selection import INCUMBENT_ID, OptunaSelector, import_optuna, rung_sizes
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+Selection = Literal["guarded", "paper"]
+CorpusMetric = Callable[[Task, Sequence[dspy.Example], Sequence[Label | None]], float]
+
+
+class ResumeError(RuntimeError):
+    """A run directory cannot be resumed (missing, or made with other data, task, seed or models)."""
+
+
+@dataclass(frozen=True)
+class JudgeRecord:
+    """One judge outcome.
+
+    Attributes:
+        label: Canonical label, or ``None`` (failed call or unparseable answer).
+        raw_label: The LM's label text.
+        rationale: The judge's rationale.
+        error: Why ``label`` is ``None``.
+        descriptions: Verbalizations the judge read (text/both modes).
+        budget: The call was not made because the budget ran out.
+    """
+
+    label: Label | None
+    raw_label: str | None = None
+    rationale: str = ""
+    error: str | None = None
+    descriptions: Mapping[str, str] = field(default_factory=dict)
+    budget: bool = False
+
+
+@dataclass
+class Candidate:
+    """A (q, p) pair."""
+
+    verbalizer: str
+    judge: str
+
+    @property
+    def id(self) -> str:
+        """Content id of the pair."""
+        return content_key(self.verbalizer, self.judge)[:12]
+
+
+class BLPO(Teleprompter):
+    """Bi-level prompt optimization of an ``ImageJudge``'s judge (p) and verbalizer (q) instructions.
+
+    Per outer step: run the judge on the train split, sample an error batch balanced over (gold, predicted) pairs
+    (and, with ``selection="guarded"``, a retain batch of correct examples); then for each inner step propose q from
+    the OPRO-style history of (q, score), verbalize the error images under q, propose p' from the text-only errors,
+    and score q by the share of the error batch p' fixes (minus the retain examples it breaks, when guarded).
+    ``selection="paper"`` takes the p' of the best q (Algorithm 1). ``selection="guarded"`` lets Optuna pick among
+    the round's candidates and the incumbent on growing validation minibatches with pruning, and accepts a
+    candidate only if the corpus metric on the validation split does not drop.
+
+    Args:
+        metric: The human-agreement metric that decides selection: a corpus metric name from
+            ``blpo_dspy.metrics`` (e.g. ``"macro_f1"``, ``"kappa_quadratic"``), ``"primary"`` for the task's
+            primary metric, or a DSPy metric ``(example, pred, trace=None) -> float`` averaged over the split.
+        proposer_lm: Text LM for Update_p and Update_q. It never receives an image.
+        verbalizer_lm: LM for verbalizations during optimization; defaults to the program's ``verbalizer_lm``,
+            then ``dspy.settings.lm``.
+        outer_steps: Outer iterations T (judge instruction updates).
+        inner_steps: Proposed I2T instructions K per outer step (the incumbent's q is scored too).
+        error_batch_size: Errors per batch.
+        retain_batch_size: Correct examples per retain batch (guarded selection only).
+        num_threads: Parallel LM calls per batch.
+        seed: Seed of every random choice (batches, validation order, Optuna's sampler).
+        selection: ``"guarded"`` (default) or ``"paper"``.
+        patience: Stop after this many outer steps without a validation improvement (``None``: never).
+        max_calls: Cap on LM calls: an int for the total, or ``{"judge": n, "verbalizer": n, "proposer": n,
+            "total": n}``. Reaching it stops the search cleanly with the best program so far.
+        run_dir: Directory for ``study.db``, ``state.json``, ``cache.sqlite`` and ``program.json``; ``None`` keeps
+            everything in a temporary directory.
+        resume: Continue a killed compile in ``run_dir`` without repeating finished LM calls.
+        cache_path: SQLite file of the verbalization cache; defaults to ``run_dir/cache.sqlite``. Share one file
+            between compiles to share verbalizations.
+        n_rungs: Validation minibatch sizes per trial (doubling up to the whole split).
+        trials_per_round: Optuna asks per outer step (default: twice the number of candidates).
+        error_sampler: Policy for the error batch (default: balanced over (gold, predicted)).
+        retain_sampler: Policy for the retain batch (default: balanced over gold labels).
+        pruner: Optuna pruner factory ``(first_rung_size) -> pruner``; default successive halving.
+        progress: Show tqdm progress bars per loop level.
+    """
+
+    def __init__(
+        self,
+        metric: str | Callable[..., Any] = "primary",
+        proposer_lm: dspy.LM | None = None,
+        *,
+        verbalizer_lm: dspy.LM | None = None,
+        outer_steps: int = 5,
+        inner_steps: int = 5,
+        error_batch_size: int = 10,
+        retain_batch_size: int = 10,
+        num_threads: int = 8,
+        seed: int = 0,
+        selection: Selection = "guarded",
+        patience: int | None = None,
+        max_calls: int | Mapping[str, int] | None = None,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        cache_path: str | Path | None = None,
+        n_rungs: int = 3,
+        trials_per_round: int | None = None,
+        error_sampler: BatchSampler | None = None,
+        retain_sampler: BatchSampler | None = None,
+        pruner: Callable[[int], Any] | None = None,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        if proposer_lm is None:
+            raise ValueError("BLPO needs a proposer_lm (a text LM for Update_p and Update_q)")
+        if not (isinstance(metric, str) or callable(metric)):
+            raise TypeError(f"metric must be a metric name or a callable, got {type(metric).__name__}")
+        for name, value, low in (
+            ("outer_steps", outer_steps, 0),
+            ("inner_steps", inner_steps, 0),
+            ("error_batch_size", error_batch_size, 1),
+            ("retain_batch_size", retain_batch_size, 0),
+            ("num_threads", num_threads, 1),
+            ("n_rungs", n_rungs, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if selection not in ("guarded", "paper"):
+            raise ValueError(f"selection must be 'guarded' or 'paper', got {selection!r}")
+        if patience is not None and (not isinstance(patience, int) or patience < 1):
+            raise ValueError(f"patience must be None or an int >= 1, got {patience!r}")
+        if trials_per_round is not None and (not isinstance(trials_per_round, int) or trials_per_round < 1):
+            raise ValueError(f"trials_per_round must be None or an int >= 1, got {trials_per_round!r}")
+        normalise_caps(max_calls)
+        if resume and run_dir is None:
+            raise ValueError("resume=True needs the run_dir of the compile to resume")
+        self.metric = metric
+        self.proposer_lm = proposer_lm
+        self.verbalizer_lm = verbalizer_lm
+        self.outer_steps = outer_steps
+        self.inner_steps = inner_steps
+        self.error_batch_size = error_batch_size
+        self.retain_batch_size = retain_batch_size
+        self.num_threads = num_threads
+        self.seed = seed
+        self.selection = selection
+        self.patience = patience
+        self.max_calls = max_calls
+        self.run_dir = run_dir
+        self.resume = resume
+        self.cache_path = cache_path
+        self.n_rungs = n_rungs
+        self.trials_per_round = trials_per_round
+        self.error_sampler = error_sampler
+        self.retain_sampler = retain_sampler
+        self.pruner = pruner
+        self.progress = progress
+
+    # ------------------------------------------------------------------ public
+    def compile(
+        self,
+        student: dspy.Module,
+        *,
+        trainset: list[dspy.Example],
+        teacher: dspy.Module | None = None,
+        valset: list[dspy.Example] | None = None,
+        **kwargs: Any,
+    ) -> dspy.Module:
+        """Optimize ``student``'s instructions; return a new program (the student is not modified).
+
+        Args:
+            student: An ``ImageJudge`` (or a module with ``task``, ``verbalizer`` and ``judge`` like it).
+            trainset: The optimisation split (errors are sampled from it).
+            teacher: Unused (must be ``None``).
+            valset: The validation split that decides selection; defaults to ``trainset`` (with a warning).
+
+        Returns:
+            A copy of the student with the best instructions, carrying ``best_instructions_``, ``best_score_``,
+            ``seed_score_``, ``history_``, ``study_`` (last round), ``studies_``, ``usage_``, ``stop_reason_`` and
+            ``run_dir_``.
+        """
+        if teacher is not None:
+            raise ValueError("BLPO does not use a teacher program")
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
+        for attr in ("task", "verbalizer", "judge"):
+            if not hasattr(student, attr):
+                raise TypeError(f"BLPO compiles an ImageJudge-like program; the student has no '{attr}'")
+        if not trainset:
+            raise ValueError("trainset is empty")
+        if valset is None:
+            logger.warning("no valset given: selection uses the trainset (scores will be optimistic)")
+            valset = trainset
+        import_optuna()
+
+        with self._run_directory() as run_dir:
+            run = _Run(self, student, list(trainset), list(valset), run_dir)
+            return run.execute()
+
+    @contextlib.contextmanager
+    def _run_directory(self) -> Iterator[Path]:
+        if self.run_dir is not None:
+            path = Path(self.run_dir)
+            if path.exists() and (path / "state.json").exists() and not self.resume:
+                raise FileExistsError(
+                    f"run directory '{path.name}' already holds a compile; pass resume=True to continue it or "
+                    "choose a new directory"
+                )
+            if self.resume and not (path / "state.json").exists():
+                raise ResumeError(f"nothing to resume: no state.json in run directory '{path.name}'")
+            path.mkdir(parents=True, exist_ok=True)
+            yield path
+        else:
+            with tempfile.TemporaryDirectory(prefix="blpo-run-") as tmp:
+                yield Path(tmp)
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("blpo-dspy", "dspy", "optuna"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+class _Run:
+    """One compile: LMs, stores, ledger and the BLPO loop."""
+
+    def __init__(
+        self, opt: BLPO, student: dspy.Module, trainset: list[dspy.Example], valset: list[dspy.Example], run_dir: Path
+    ) -> None:
+        self.opt = opt
+        self.student = student
+        self.task: Task = student.task
+        self.judge_sees: str = getattr(student, "judge_sees", "image")
+        self.trainset = trainset
+        self.valset = valset
+        self.run_dir = run_dir
+        self.persistent = opt.run_dir is not None
+        self.judge_lm = getattr(student, "judge_lm", None) or dspy.settings.lm
+        self.verbalizer_lm = opt.verbalizer_lm or getattr(student, "verbalizer_lm", None) or dspy.settings.lm
+        self.proposer_lm = opt.proposer_lm
+        if self.judge_lm is None:
+            raise ValueError("no LM for the judge: give the program a judge_lm or call dspy.configure(lm=...)")
+        if self.verbalizer_lm is None:
+            raise ValueError("no LM for the verbalizer: pass verbalizer_lm or call dspy.configure(lm=...)")
+        self.ledger = UsageLedger(opt.max_calls)
+        self.journal = CallJournal(run_dir / "cache.sqlite")
+        self.vcache = VerbalizationCache(Path(opt.cache_path) if opt.cache_path else run_dir / "cache.sqlite")
+        self.error_sampler = opt.error_sampler or BalancedSampler()
+        self.retain_sampler = opt.retain_sampler or BalancedSampler()
+        self.history: list[dict[str, Any]] = []
+        self.rounds: list[dict[str, Any]] = []
+        self.studies: list[Any] = []
+        self._seen_journal_keys: set[str] = set()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._judges: dict[str, Judge] = {}
+        self._verbalizers: dict[str, dspy.Predict] = {}
+        self._metric_fn = self._resolve_metric(opt.metric)
+        self.started = time.time()
+        self.replaying_from: int | None = None
+        self.state_path = run_dir / "state.json"
+        self._check_resume()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _resolve_metric(self, metric: str | Callable[..., Any]) -> CorpusMetric:
+        if callable(metric):
+
+            def mean_metric(task: Task, examples: Sequence[dspy.Example], labels: Sequence[Label | None]) -> float:
+                if not examples:
+                    return 0.0
+                total = 0.0
+                for example, label in zip(examples, labels, strict=True):
+                    value = metric(example, dspy.Prediction(label=label), None)
+                    total += float(getattr(value, "score", value))
+                return total / len(examples)
+
+            self.metric_name = getattr(metric, "__name__", "custom")
+            return mean_metric
+        from blpo_dspy.metrics import corpus_scores, primary_metric
+
+        name = primary_metric(self.task) if metric == "primary" else metric
+        self.metric_name = name
+
+        def corpus(task: Task, examples: Sequence[dspy.Example], labels: Sequence[Label | None]) -> float:
+            gold = [example.label for example in examples]
+            return float(corpus_scores(task, gold, list(labels), metrics=[name], ci=False)[name].value)
+
+        corpus(self.task, self.valset[:2], [None] * min(2, len(self.valset)))  # fail fast on an unknown name
+        return corpus
+
+    def _fingerprint(self, examples: Sequence[dspy.Example]) -> str:
+        return content_key([[self._example_key(e), str(e.label)] for e in examples])
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "task": self.task.to_dict(),
+            "judge_sees": self.judge_sees,
+            "seed": self.opt.seed,
+            "selection": self.opt.selection,
+            "data": {
+                "train_fingerprint": self._fingerprint(self.trainset),
+                "val_fingerprint": self._fingerprint(self.valset),
+                "n_train": len(self.trainset),
+                "n_val": len(self.valset),
+            },
+            "models": {
+                "verbalizer": lm_identity(self.verbalizer_lm),
+                "judge": lm_identity(self.judge_lm),
+                "proposer": lm_identity(self.proposer_lm),
+            },
+        }
+
+    def _check_resume(self) -> None:
+        if not self.opt.resume:
+            return
+        previous = json.loads(self.state_path.read_text(encoding="utf-8"))
+        identity = self._identity()
+        diffs = [key for key, value in identity.items() if previous.get("identity", {}).get(key) != value]
+        if diffs:
+            raise ResumeError(
+                f"run directory '{self.run_dir.name}' was made with different {', '.join(diffs)}; "
+                "resume with the same task, data, seed, selection and models, or start a new run directory"
+            )
+        self.replaying_from = len(previous.get("rounds", []))
+        logger.info(
+            "resuming: %d outer step(s) finished before; replaying them from the journal without LM calls",
+            self.replaying_from,
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def _params(self) -> dict[str, Any]:
+        params = {}
+        for key, value in self.opt.get_params().items():
+            if key in ("proposer_lm", "verbalizer_lm"):
+                continue
+            if isinstance(value, str | int | float | bool) or value is None:
+                params[key] = value
+            elif isinstance(value, Path):
+                params[key] = value.name
+            elif isinstance(value, Mapping):
+                params[key] = dict(value)
+            else:
+                params[key] = getattr(value, "__name__", type(value).__name__)
+        params["metric"] = self.metric_name
+        return params
+
+    def save_state(self, status: str, incumbent: Candidate, incumbent_score: float | None) -> None:
+        if not self.persistent:
+            return
+        state = {
+            "format": STATE_FORMAT,
+            "status": status,
+            "identity": self._identity(),
+            "params": self._params(),
+            "rng": {"scheme": "random.Random(f'{seed}:{outer_step}:{purpose}') per draw; no global RNG state"},
+            "incumbent": {**asdict(incumbent), "val_score": incumbent_score},
+            "rounds": self.rounds,
+            "history": self.history,
+            "usage": self.ledger.to_dict(),
+            "versions": _versions(),
+            "elapsed_seconds": round(time.time() - self.started, 3),
+        }
+        _atomic_write_json(self.state_path, state)
+
+    # ------------------------------------------------------------------ keys and locks
+    def _example_key(self, example: dspy.Example) -> list[Any]:
+        shas = []
+        for name in self.task.image_fields:
+            stored = example.get(f"{name}_sha256") if hasattr(example, "get") else None
+            shas.append(stored or image_sha256(example[name]))
+        texts = [str(example.get(name, "")) for name in self.task.text_fields]
+        return [shas, texts]
+
+    @contextlib.contextmanager
+    def _single_flight(self, key: str) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
+            yield
+
+    def _mark_seen(self, key: str) -> None:
+        with self._locks_guard:
+            self._seen_journal_keys.add(key)
+
+    def _charge_replay_or_hit(self, role: str, key: str, made_in_this_run: bool) -> bool:
+        """Account a stored result: replayed (earlier attempt of this run) or a plain cache hit."""
+        with self._locks_guard:
+            first = key not in self._seen_journal_keys
+            self._seen_journal_keys.add(key)
+        if made_in_this_run and first:
+            return self.ledger.acquire(role, replay=True)
+        self.ledger.record_hit(role)
+        return True
+
+    # ------------------------------------------------------------------ memoized LM calls
+    def verbalize(self, example: dspy.Example, q: str) -> dict[str, str] | None | Literal["budget"]:
+        """Verbalize every image of an example under q (cache first). ``None`` on failure."""
+        text = {name: str(example.get(name, "")) for name in self.task.text_fields}
+        out: dict[str, str] = {}
+        for image_field, desc_field in zip(self.task.image_fields, self.task.description_fields, strict=True):
+            image = example[image_field]
+            digest = example.get(f"{image_field}_sha256") or image_sha256(image)
+            key = VerbalizationCache.key(image_sha256=digest, instruction=q, lm=self.verbalizer_lm, text_fields=text)
+            with self._single_flight("v:" + key):
+                cached = self.vcache.get(key)
+                if cached is not None:
+                    made = self.journal.get("verbalization_made", key) is not None
+                    if not self._charge_replay_or_hit("verbalizer", key, made):
+                        return "budget"
+                    out[desc_field] = cached
+                    continue
+                if not self.ledger.acquire("verbalizer"):
+                    return "budget"
+                self._mark_seen(key)
+                predictor = self._verbalizer_for(q)
+                try:
+                    with dspy.context(lm=self.verbalizer_lm), dspy.track_usage() as usage:
+                        description = predictor(image=image, **text).description
+                    self.ledger.record_tokens("verbalizer", usage.get_total_tokens())
+                except Exception as exc:
+                    self.ledger.record_failure("verbalizer")
+                    logger.debug("verbalizer call failed: %s", exc)
+                    return None
+                if not isinstance(description, str) or not description.strip():
+                    self.ledger.record_failure("verbalizer")
+                    return None
+                self.journal.put("verbalization_made", key, {})
+                self.vcache.put(
+                    key, description, image_sha256=digest, instruction=q, model=lm_identity(self.verbalizer_lm)["model"]
+                )
+                out[desc_field] = description
+        return out
+
+    def judge(self, example: dspy.Example, p: str, descriptions: Mapping[str, str]) -> JudgeRecord:
+        """Judge one example under p (journal first); never raises."""
+        key = content_key("judge", p, self.judge_sees, self._example_key(example), dict(descriptions),
+                          lm_identity(self.judge_lm))
+        with self._single_flight("j:" + key):
+            stored = self.journal.get("judge", key)
+            if stored is not None:
+                if not self._charge_replay_or_hit("judge", key, True):
+                    return JudgeRecord(label=None, error="budget", budget=True)
+                label = self.task.parse_label(stored["raw_label"])
+                if label is None:
+                    self.ledger.record_failure("judge")
+                return JudgeRecord(label, stored["raw_label"], stored["rationale"], stored.get("error"),
+                                   dict(descriptions))
+            if not self.ledger.acquire("judge"):
+                return JudgeRecord(label=None, error="budget", budget=True)
+            self._mark_seen(key)
+            judge = self._judge_for(p)
+            inputs = {name: example[name] for name in self.task.input_fields}
+            with dspy.context(lm=self.judge_lm), dspy.track_usage() as usage:
+                result = judge(**inputs, **descriptions)
+            self.ledger.record_tokens("judge", usage.get_total_tokens())
+            if result.label is None:
+                self.ledger.record_failure("judge")
+            if result.raw_label is not None:  # the call finished: journal it (failed calls are retried on resume)
+                self.journal.put(
+                    "judge", key, {"raw_label": result.raw_label, "rationale": result.rationale, "error": result.error}
+                )
+            return JudgeRecord(result.label, result.raw_label, result.rationale, result.error, dict(descriptions))
+
+    def predict(self, example: dspy.Example, candidate: Candidate) -> JudgeRecord:
+        """The program (q, p) on one example."""
+        descriptions: Mapping[str, str] = {}
+        if self.judge_sees in ("text", "both"):
+            verbalized = self.verbalize(example, candidate.verbalizer)
+            if verbalized == "budget":
+                return JudgeRecord(label=None, error="budget", budget=True)
+            if verbalized is None:
+                self.ledger.record_failure("judge")
+                return JudgeRecord(label=None, error="verbalizer failed")
+            descriptions = verbalized
+        return self.judge(example, candidate.judge, descriptions)
+
+    def parallel(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """Run a batch in parallel (``num_threads``); raise ``BudgetExhausted`` if the budget ran out."""
+        if not items:
+            return []
+        executor = ParallelExecutor(
+            num_threads=min(self.opt.num_threads, len(items)), disable_progress_bar=True, max_errors=len(items) + 1
+        )
+        results = executor.execute(function, list(items))
+        if self.ledger.exhausted:
+            raise BudgetExhausted(f"LM call budget reached ({self.ledger.exhausted_role})")
+        return results
+
+    def predict_many(self, examples: Sequence[dspy.Example], candidate: Candidate) -> list[JudgeRecord]:
+        """The program (q, p) on many examples, in parallel."""
+        results = self.parallel(lambda example: self.predict(example, candidate), examples)
+        return [r if r is not None else JudgeRecord(label=None, error="internal error") for r in results]
+
+    def propose(self, kind: str, signature: type[dspy.Signature], **inputs: str) -> str | None:
+        """One proposer call (journal first). ``None`` on failure or an empty answer."""
+        key = content_key(kind, inputs, lm_identity(self.proposer_lm))
+        stored = self.journal.get("proposer", key)
+        if stored is not None:
+            if not self._charge_replay_or_hit("proposer", key, True):
+                raise BudgetExhausted("LM call budget reached (proposer)")
+            return stored["text"]
+        if not self.ledger.acquire("proposer"):
+            raise BudgetExhausted(f"LM call budget reached ({self.ledger.exhausted_role})")
+        self._mark_seen(key)
+        try:
+            with dspy.context(lm=self.proposer_lm), dspy.track_usage() as usage:
+                answer = dspy.Predict(signature)(**inputs).new_instruction
+            self.ledger.record_tokens("proposer", usage.get_total_tokens())
+        except Exception as exc:
+            self.ledger.record_failure("proposer")
+            logger.warning("%s proposal failed: %s", kind, exc)
+            return None
+        text = clean_instruction(answer)
+        if text is None:
+            self.ledger.record_failure("proposer")
+            return None
+        self.journal.put("proposer", key, {"text": text})
+        return text
+
+    def _judge_for(self, p: str) -> Judge:
+        with self._locks_guard:
+            if p not in self._judges:
+                self._judges[p] = Judge(self.task, self.judge_sees, instruction=p)  # type: ignore[arg-type]
+            return self._judges[p]
+
+    def _verbalizer_for(self, q: str) -> dspy.Predict:
+        with self._locks_guard:
+            if q not in self._verbalizers:
+                self._verbalizers[q] = dspy.Predict(self.task.verbalizer_signature(q))
+            return self._verbalizers[q]
+
+    # ------------------------------------------------------------------ scoring
+    def corpus(self, examples: Sequence[dspy.Example], records: Sequence[JudgeRecord]) -> float:
+        return self._metric_fn(self.task, examples, [r.label for r in records])
+
+    def rng(self, step: int, purpose: str) -> random.Random:
+        return random.Random(f"{self.opt.seed}:{step}:{purpose}")
+
+    # ------------------------------------------------------------------ the loop
+    def execute(self) -> dspy.Module:
+        opt = self.opt
+        seed_candidate = Candidate(self.student.verbalizer.instruction, self.student.judge.instruction)
+        incumbent = seed_candidate
+        incumbent_score: float | None = None
+        seed_score: float | None = None
+        best_val: float | None = None
+        stop_reason = "outer_steps"
+        self._log_preflight()
+        self.save_state("running", incumbent, None)
+        bar = _progress(opt.progress, total=opt.outer_steps, desc="BLPO outer", position=0)
+        try:
+            val_records = self.predict_many(self.valset, incumbent)
+            incumbent_score = seed_score = best_val = self.corpus(self.valset, val_records)
+            logger.info("seed program: validation %s = %.4f", self.metric_name, seed_score)
+            rounds_without_gain = 0
+            for t in range(opt.outer_steps):
+                outcome = self._outer_step(t, incumbent, incumbent_score)
+                if outcome is None:
+                    stop_reason = "no_errors"
+                    break
+                new_incumbent, new_score, improved = outcome
+                incumbent, incumbent_score = new_incumbent, new_score
+                if improved:
+                    rounds_without_gain = 0
+                else:
+                    rounds_without_gain += 1
+                best_val = incumbent_score if best_val is None else max(best_val, incumbent_score)
+                self.save_state("running", incumbent, incumbent_score)
+                bar.update(1)
+                if opt.patience is not None and rounds_without_gain >= opt.patience:
+                    stop_reason = "patience"
+                    break
+        except BudgetExhausted as exc:
+            stop_reason = "budget"
+            logger.warning("%s; stopping with the best program so far", exc)
+        finally:
+            bar.close()
+        status = "finished" if stop_reason != "budget" else "budget_exhausted"
+        self.save_state(status, incumbent, incumbent_score)
+        return self._finish(incumbent, incumbent_score, seed_score, stop_reason)
+
+    def _outer_step(
+        self, t: int, incumbent: Candidate, incumbent_score: float | None
+    ) -> tuple[Candidate, float, bool] | None:
+        opt = self.opt
+        train_records = self.predict_many(self.trainset, incumbent)
+        golds = [e.label for e in self.trainset]
+        wrong = [i for i, r in enumerate(train_records) if r.label != golds[i]]
+        right = [i for i, r in enumerate(train_records) if r.label == golds[i]]
+        train_score = self.corpus(self.trainset, train_records)
+        logger.info("outer step %d: train %s = %.4f, %d errors", t, self.metric_name, train_score, len(wrong))
+        if not wrong:
+            logger.info("no errors left on the train split; stopping")
+            return None
+        rng = self.rng(t, "batches")
+        error_idx = self.error_sampler.sample(
+            wrong, [(golds[i], train_records[i].label) for i in wrong], opt.error_batch_size, rng
+        )
+        retain_idx: list[int] = []
+        if opt.selection == "guarded" and opt.retain_batch_size:
+            retain_idx = self.retain_sampler.sample(right, [golds[i] for i in right], opt.retain_batch_size, rng)
+        error_examples = [self.trainset[i] for i in error_idx]
+        retain_examples = [self.trainset[i] for i in retain_idx]
+        error_records = [train_records[i] for i in error_idx]
+
+        candidates: list[tuple[Candidate, float, dict[str, Any]]] = []
+        q_history: list[tuple[str, float]] = []
+        tried_p: list[str] = [incumbent.judge]
+        inner_bar = _progress(opt.progress, total=opt.inner_steps + 1, desc=f"  inner (outer {t})", position=1)
+        try:
+            for k in range(opt.inner_steps + 1):
+                entry = self._inner_step(
+                    t, k, incumbent, q_history, tried_p, error_examples, error_records, retain_examples
+                )
+                inner_bar.update(1)
+                if entry is None:
+                    continue
+                candidate, score, record = entry
+                candidates.append((candidate, score, record))
+        finally:
+            inner_bar.close()
+
+        if not candidates:
+            logger.warning("outer step %d: no usable candidate (every proposal failed)", t)
+            self.rounds.append({"outer_step": t, "accepted": None, "val_score": incumbent_score})
+            return incumbent, float(incumbent_score or 0.0), False
+        if opt.selection == "paper":
+            return self._select_paper(t, incumbent, incumbent_score, candidates)
+        return self._select_guarded(t, incumbent, incumbent_score, candidates)
+
+    def _inner_step(
+        self,
+        t: int,
+        k: int,
+        incumbent: Candidate,
+        q_history: list[tuple[str, float]],
+        tried_p: list[str],
+        error_examples: list[dspy.Example],
+        error_records: list[JudgeRecord],
+        retain_examples: list[dspy.Example],
+    ) -> tuple[Candidate, float, dict[str, Any]] | None:
+        opt = self.opt
+        entry: dict[str, Any] = {"outer_step": t, "inner_step": k, "q": None, "p_prime": None, "inner_score": None,
+                                 "fixed": None, "broken": None, "val_score": None, "pruned": None,
+                                 "accepted": False, "error": None}
+        self.history.append(entry)
+        if k == 0:
+            q = incumbent.verbalizer
+        else:
+            q = self.propose(
+                "update_q",
+                UpdateVerbalizerInstruction,
+                task_description=task_description(self.task),
+                judge_instruction=incumbent.judge,
+                history=render_history(q_history),
+            )
+            if q is None:
+                entry["error"] = "Update_q failed"
+                return None
+        entry["q"] = q
+        verbalized = self.parallel(lambda example: self.verbalize(example, q), error_examples)
+        cases = []
+        for example, record, descriptions in zip(error_examples, error_records, verbalized, strict=True):
+            if not isinstance(descriptions, dict):
+                continue
+            cases.append(
+                ErrorCase(
+                    text_fields={name: str(example.get(name, "")) for name in self.task.text_fields},
+                    descriptions=descriptions,
+                    gold=example.label,
+                    predicted=record.label,
+                    rationale=record.rationale,
+                )
+            )
+        if not cases:
+            entry["error"] = "every verbalization failed"
+            q_history.append((q, 0.0))
+            return None
+        p_prime = self.propose(
+            "update_p",
+            UpdateJudgeInstruction,
+            task_description=task_description(self.task),
+            current_instruction=incumbent.judge,
+            errors=render_errors(cases),
+            tried_instructions=render_tried(tried_p),
+        )
+        if p_prime is None:
+            entry["error"] = "Update_p failed"
+            q_history.append((q, 0.0))
+            return None
+        entry["p_prime"] = p_prime
+        tried_p.append(p_prime)
+        candidate = Candidate(verbalizer=q, judge=p_prime)
+        batch = error_examples + retain_examples
+        records = self.predict_many(batch, candidate)
+        fixed = sum(r.label == e.label for e, r in zip(error_examples, records[: len(error_examples)], strict=True))
+        broken = sum(r.label != e.label for e, r in zip(retain_examples, records[len(error_examples):], strict=True))
+        penalty = broken if opt.selection == "guarded" else 0
+        score = (fixed - penalty) / len(error_examples)
+        entry.update(fixed=fixed, broken=broken, inner_score=score)
+        q_history.append((q, score))
+        logger.info("  inner %d.%d: score %.2f (fixed %d/%d, broke %d/%d)", t, k, score, fixed,
+                    len(error_examples), broken, len(retain_examples))
+        return candidate, score, entry
+
+    def _select_paper(
+        self,
+        t: int,
+        incumbent: Candidate,
+        incumbent_score: float | None,
+        candidates: list[tuple[Candidate, float, dict[str, Any]]],
+    ) -> tuple[Candidate, float, bool]:
+        best, _, record = max(candidates, key=lambda item: item[1])  # first of equal scores wins
+        score = self.corpus(self.valset, self.predict_many(self.valset, best))
+        record.update(val_score=score, accepted=True)
+        self.rounds.append({"outer_step": t, "accepted": best.id, "val_score": score})
+        improved = incumbent_score is None or score > incumbent_score
+        return best, score, improved
+
+    def _select_guarded(
+        self,
+        t: int,
+        incumbent: Candidate,
+        incumbent_score: float | None,
+        candidates: list[tuple[Candidate, float, dict[str, Any]]],
+    ) -> tuple[Candidate, float, bool]:
+        order = list(range(len(self.valset)))
+        self.rng(t, "validation-order").shuffle(order)
+        permuted = [self.valset[i] for i in order]
+        sizes = rung_sizes(len(permuted), self.opt.n_rungs)
+        incumbent_records = self.predict_many(permuted, incumbent)
+        incumbent_rungs = [self.corpus(permuted[:m], incumbent_records[:m]) for m in sizes]
+        by_id: dict[str, tuple[Candidate, float, dict[str, Any]]] = {}
+        for item in candidates:
+            if item[0].id != incumbent.id and item[0].id not in by_id:
+                by_id[item[0].id] = item
+        if not by_id:
+            self.rounds.append({"outer_step": t, "accepted": None, "val_score": incumbent_score})
+            return incumbent, float(incumbent_rungs[-1]), False
+        first = max(by_id.values(), key=lambda item: item[1])[0].id
+
+        def score_prefix(cid: str, m: int) -> float:
+            records = self.predict_many(permuted[:m], by_id[cid][0])
+            return self.corpus(permuted[:m], records)
+
+        selector = OptunaSelector(
+            storage=f"sqlite:///{self.run_dir / 'study.db'}" if self.persistent else None,
+            study_prefix="blpo",
+            seed=self.opt.seed,
+            pruner_factory=self.opt.pruner,
+            trials_per_round=self.opt.trials_per_round,
+        )
+        outcome, study = selector.select(t, list(by_id), first, incumbent_rungs, sizes, score_prefix)
+        self.studies.append(study)
+        for cid, (_, _, record) in by_id.items():
+            record["pruned"] = cid in outcome.pruned
+            record["val_score"] = outcome.full_scores.get(cid)
+        reference = incumbent_rungs[-1]
+        ranked = sorted(
+            ((score, by_id[cid][1], cid) for cid, score in outcome.full_scores.items() if cid != INCUMBENT_ID),
+            reverse=True,
+        )
+        if ranked and ranked[0][0] >= reference:
+            score, _, cid = ranked[0]
+            chosen, _, record = by_id[cid]
+            record["accepted"] = True
+            self.rounds.append({"outer_step": t, "accepted": cid, "val_score": score,
+                                "trials": [asdict(tr) for tr in outcome.trials]})
+            logger.info("outer step %d: accepted candidate %s (validation %.4f >= %.4f)", t, cid, score, reference)
+            return chosen, score, score > reference
+        self.rounds.append({"outer_step": t, "accepted": None, "val_score": reference,
+                            "trials": [asdict(tr) for tr in outcome.trials]})
+        logger.info("outer step %d: kept the incumbent (validation %.4f)", t, reference)
+        return incumbent, reference, False
+
+    # ------------------------------------------------------------------ results
+    def _log_preflight(self) -> None:
+        opt = self.opt
+        n_img = len(self.task.image_fields)
+        text_mode = self.judge_sees in ("text", "both")
+        inner = opt.inner_steps + 1
+        batch = opt.error_batch_size + (opt.retain_batch_size if opt.selection == "guarded" else 0)
+        judge = len(self.valset) + opt.outer_steps * (len(self.trainset) + inner * batch + inner * len(self.valset))
+        verbal = opt.outer_steps * inner * opt.error_batch_size * n_img
+        if text_mode:
+            verbal += judge * n_img
+        proposer = opt.outer_steps * (2 * inner - 1)
+        logger.info(
+            "pre-flight upper bound on LM calls (before caching): judge %d, verbalizer %d, proposer %d, total %d%s",
+            judge, verbal, proposer, judge + verbal + proposer,
+            f"; budget {normalise_caps(opt.max_calls)}" if opt.max_calls is not None else "",
+        )
+
+    def _finish(
+        self, incumbent: Candidate, score: float | None, seed_score: float | None, stop_reason: str
+    ) -> dspy.Module:
+        program = self.student.deepcopy()
+        program.verbalizer.set_instruction(incumbent.verbalizer)
+        program.judge.set_instruction(incumbent.judge)
+        program.best_instructions_ = {"verbalizer": incumbent.verbalizer, "judge": incumbent.judge}
+        program.best_score_ = score
+        program.seed_score_ = seed_score
+        program.metric_name_ = self.metric_name
+        program.history_ = [dict(entry) for entry in self.history]
+        program.rounds_ = [dict(r) for r in self.rounds]
+        program.studies_ = list(self.studies)
+        program.study_ = self.studies[-1] if self.studies else None
+        program.usage_ = {**self.ledger.to_dict(), "verbalization_cache": {"hits": self.vcache.hits,
+                                                                           "misses": self.vcache.misses}}
+        program.stop_reason_ = stop_reason
+        program.run_dir_ = str(self.run_dir) if self.persistent else None
+        program._compiled = True
+        if self.persistent:
+            from blpo_dspy.persistence import save_program
+
+            save_program(program, self.run_dir / "program.json")
+        logger.info(
+            "BLPO finished (%s): validation %s %.4f -> %.4f; LM calls %s",
+            stop_reason, self.metric_name, seed_score or 0.0, score or 0.0,
+            {role: usage["calls"] for role, usage in self.ledger.to_dict().items()},
+        )
+        return program
+
+
+def _progress(enabled: bool, **kwargs: Any) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, leave=False, **kwargs)

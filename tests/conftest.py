@@ -1,0 +1,28 @@
+"""Shared fixtures: isolated DSPy settings and cache, no network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import dspy  # noqa: E402
+import pytest  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dspy(tmp_path_factory: pytest.TempPathFactory) -> None:
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
+    with dspy.context(lm=None, adapter=None, track_usage=False):
+        yield
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared data folder beside the repository (skips when absent)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder not found beside the repository ({SHARED_DATA.name}); nothing to read")
+    return SHARED_DATA
