@@ -37,7 +37,7 @@ def save_program(program: ImageJudge, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = program.dump_state(json_mode=True)
     for name in list(state):
-        state[name].pop("lm", None)  # LMs are runtime attributes, never saved (no endpoints or keys in artifacts)
+        state[name]["lm"] = None  # LMs are runtime attributes, never saved (no endpoints or keys in artifacts)
     from dspy.utils.saving import get_dependency_versions
 
     state["metadata"] = {"dependency_versions": get_dependency_versions()}
