@@ -15,7 +15,7 @@ ROLES: tuple[str, ...] = ("verbalizer", "judge", "proposer")
 TOTAL = "total"
 
 
-class BudgetExhausted(RuntimeError):
+class BudgetExhaustedError(RuntimeError):
     """A call budget was reached; the search stops with the best program so far."""
 
 
@@ -31,6 +31,7 @@ class RoleUsage:
         failures: Calls that failed or returned an unparseable answer (scored as failures).
         prompt_tokens: Prompt tokens reported by the LM.
         completion_tokens: Completion tokens reported by the LM.
+        seconds: Wall time spent in this role's LM calls (summed over threads).
     """
 
     calls: int = 0
@@ -39,6 +40,7 @@ class RoleUsage:
     failures: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    seconds: float = 0.0
 
 
 class UsageLedger:
@@ -103,6 +105,11 @@ class UsageLedger:
             self.roles[role].prompt_tokens += prompt
             self.roles[role].completion_tokens += completion
 
+    def record_time(self, role: str, seconds: float) -> None:
+        """Add the wall time of one call."""
+        with self._lock:
+            self.roles[role].seconds += seconds
+
     def record_hit(self, role: str) -> None:
         """Count a result served from a cache or the journal."""
         with self._lock:
@@ -117,6 +124,8 @@ class UsageLedger:
         """JSON-ready counters per role plus a ``total`` row."""
         out = {role: asdict(usage) for role, usage in self.roles.items()}
         out[TOTAL] = {k: sum(u[k] for u in out.values()) for k in asdict(RoleUsage())}
+        for usage in out.values():
+            usage["seconds"] = round(usage["seconds"], 3)
         return out
 
 

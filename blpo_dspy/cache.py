@@ -83,9 +83,11 @@ class SQLiteStore:
 
     def get(self, namespace: str, key: str) -> Any | None:
         """The stored value, or ``None``."""
-        row = self._connect().execute(
-            "SELECT value FROM entries WHERE namespace = ? AND key = ?", (namespace, key)
-        ).fetchone()
+        row = (
+            self._connect()
+            .execute("SELECT value FROM entries WHERE namespace = ? AND key = ?", (namespace, key))
+            .fetchone()
+        )
         return None if row is None else json.loads(row[0])
 
     def put(self, namespace: str, key: str, value: Any) -> None:

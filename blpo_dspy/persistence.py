@@ -76,8 +76,9 @@ def load_program(
     if not isinstance(meta, dict) or "task" not in meta:
         raise ValueError(f"{path.name}: key 'blpo.task' missing: not a program saved by blpo-dspy")
     task = Task.from_dict(meta["task"], source=f"{path.name}:blpo.task")
-    program = ImageJudge(task, judge_sees=meta.get("judge_sees", "image"), verbalizer_lm=verbalizer_lm,
-                         judge_lm=judge_lm)
+    program = ImageJudge(
+        task, judge_sees=meta.get("judge_sees", "image"), verbalizer_lm=verbalizer_lm, judge_lm=judge_lm
+    )
     program.load_state({k: v for k, v in state.items() if k not in ("blpo", "metadata")})
     for name, value in meta.get("diagnostics", {}).items():
         setattr(program, name, value)

@@ -270,7 +270,9 @@ class Task:
         """
         parsed = self.parse_label(value)
         if parsed is None:
-            raise LabelError(f"label {value!r} is outside the label space of task '{self.name}' ({self.label_space_text})")
+            raise LabelError(
+                f"label {value!r} is outside the label space of task '{self.name}' ({self.label_space_text})"
+            )
         return parsed
 
     def parse_label(self, value: Any) -> Label | None:

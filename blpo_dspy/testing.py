@@ -214,9 +214,7 @@ class ScriptedEngine:
         with self._lock:
             calls = list(self.calls)
         return sum(
-            1
-            for c in calls
-            if (role is None or c.role == role) and (with_images is None or c.has_image == with_images)
+            1 for c in calls if (role is None or c.role == role) and (with_images is None or c.has_image == with_images)
         )
 
     def calls_for(self, role: str) -> list[ScriptedCall]:

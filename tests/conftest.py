@@ -6,9 +6,10 @@ import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-import dspy  # noqa: E402
-import pytest  # noqa: E402
-from pathlib import Path  # noqa: E402
+from pathlib import Path
+
+import dspy
+import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

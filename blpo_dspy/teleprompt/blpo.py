@@ -26,7 +26,7 @@ import dspy
 from dspy.teleprompt import Teleprompter
 from dspy.utils.parallelizer import ParallelExecutor
 
-from blpo_dspy.budget import BudgetExhausted, UsageLedger, normalise_caps
+from blpo_dspy.budget import BudgetExhaustedError, UsageLedger, normalise_caps
 from blpo_dspy.cache import CallJournal, VerbalizationCache, content_key, lm_identity
 from blpo_dspy.images import image_sha256
 from blpo_dspy.modules import Judge
@@ -450,7 +450,7 @@ class _Run:
         return True
 
     # ------------------------------------------------------------------ memoized LM calls
-    def verbalize(self, example: dspy.Example, q: str) -> dict[str, str] | None | Literal["budget"]:
+    def verbalize(self, example: dspy.Example, q: str) -> dict[str, str] | Literal["budget"] | None:
         """Verbalize every image of an example under q (cache first). ``None`` on failure."""
         text = {name: str(example.get(name, "")) for name in self.task.text_fields}
         out: dict[str, str] = {}
@@ -470,14 +470,17 @@ class _Run:
                     return "budget"
                 self._mark_seen(key)
                 predictor = self._verbalizer_for(q)
+                began = time.perf_counter()
                 try:
                     with dspy.context(lm=self.verbalizer_lm), dspy.track_usage() as usage:
                         description = predictor(image=image, **text).description
                     self.ledger.record_tokens("verbalizer", usage.get_total_tokens())
                 except Exception as exc:
                     self.ledger.record_failure("verbalizer")
+                    self.ledger.record_time("verbalizer", time.perf_counter() - began)
                     logger.debug("verbalizer call failed: %s", exc)
                     return None
+                self.ledger.record_time("verbalizer", time.perf_counter() - began)
                 if not isinstance(description, str) or not description.strip():
                     self.ledger.record_failure("verbalizer")
                     return None
@@ -490,8 +493,9 @@ class _Run:
 
     def judge(self, example: dspy.Example, p: str, descriptions: Mapping[str, str]) -> JudgeRecord:
         """Judge one example under p (journal first); never raises."""
-        key = content_key("judge", p, self.judge_sees, self._example_key(example), dict(descriptions),
-                          lm_identity(self.judge_lm))
+        key = content_key(
+            "judge", p, self.judge_sees, self._example_key(example), dict(descriptions), lm_identity(self.judge_lm)
+        )
         with self._single_flight("j:" + key):
             stored = self.journal.get("judge", key)
             if stored is not None:
@@ -500,15 +504,18 @@ class _Run:
                 label = self.task.parse_label(stored["raw_label"])
                 if label is None:
                     self.ledger.record_failure("judge")
-                return JudgeRecord(label, stored["raw_label"], stored["rationale"], stored.get("error"),
-                                   dict(descriptions))
+                return JudgeRecord(
+                    label, stored["raw_label"], stored["rationale"], stored.get("error"), dict(descriptions)
+                )
             if not self.ledger.acquire("judge"):
                 return JudgeRecord(label=None, error="budget", budget=True)
             self._mark_seen(key)
             judge = self._judge_for(p)
             inputs = {name: example[name] for name in self.task.input_fields}
+            began = time.perf_counter()
             with dspy.context(lm=self.judge_lm), dspy.track_usage() as usage:
                 result = judge(**inputs, **descriptions)
+            self.ledger.record_time("judge", time.perf_counter() - began)
             self.ledger.record_tokens("judge", usage.get_total_tokens())
             if result.label is None:
                 self.ledger.record_failure("judge")
@@ -532,7 +539,7 @@ class _Run:
         return self.judge(example, candidate.judge, descriptions)
 
     def parallel(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        """Run a batch in parallel (``num_threads``); raise ``BudgetExhausted`` if the budget ran out."""
+        """Run a batch in parallel (``num_threads``); raise ``BudgetExhaustedError`` if the budget ran out."""
         if not items:
             return []
         executor = ParallelExecutor(
@@ -540,7 +547,7 @@ class _Run:
         )
         results = executor.execute(function, list(items))
         if self.ledger.exhausted:
-            raise BudgetExhausted(f"LM call budget reached ({self.ledger.exhausted_role})")
+            raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})")
         return results
 
     def predict_many(self, examples: Sequence[dspy.Example], candidate: Candidate) -> list[JudgeRecord]:
@@ -554,16 +561,19 @@ class _Run:
         stored = self.journal.get("proposer", key)
         if stored is not None:
             if not self._charge_replay_or_hit("proposer", key, True):
-                raise BudgetExhausted("LM call budget reached (proposer)")
+                raise BudgetExhaustedError("LM call budget reached (proposer)")
             return stored["text"]
         if not self.ledger.acquire("proposer"):
-            raise BudgetExhausted(f"LM call budget reached ({self.ledger.exhausted_role})")
+            raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})")
         self._mark_seen(key)
+        began = time.perf_counter()
         try:
             with dspy.context(lm=self.proposer_lm), dspy.track_usage() as usage:
                 answer = dspy.Predict(signature)(**inputs).new_instruction
             self.ledger.record_tokens("proposer", usage.get_total_tokens())
+            self.ledger.record_time("proposer", time.perf_counter() - began)
         except Exception as exc:
+            self.ledger.record_time("proposer", time.perf_counter() - began)
             self.ledger.record_failure("proposer")
             logger.warning("%s proposal failed: %s", kind, exc)
             return None
@@ -627,7 +637,7 @@ class _Run:
                 if opt.patience is not None and rounds_without_gain >= opt.patience:
                     stop_reason = "patience"
                     break
-        except BudgetExhausted as exc:
+        except BudgetExhaustedError as exc:
             stop_reason = "budget"
             logger.warning("%s; stopping with the best program so far", exc)
         finally:
@@ -697,9 +707,19 @@ class _Run:
         retain_examples: list[dspy.Example],
     ) -> tuple[Candidate, float, dict[str, Any]] | None:
         opt = self.opt
-        entry: dict[str, Any] = {"outer_step": t, "inner_step": k, "q": None, "p_prime": None, "inner_score": None,
-                                 "fixed": None, "broken": None, "val_score": None, "pruned": None,
-                                 "accepted": False, "error": None}
+        entry: dict[str, Any] = {
+            "outer_step": t,
+            "inner_step": k,
+            "q": None,
+            "p_prime": None,
+            "inner_score": None,
+            "fixed": None,
+            "broken": None,
+            "val_score": None,
+            "pruned": None,
+            "accepted": False,
+            "error": None,
+        }
         self.history.append(entry)
         if k == 0:
             q = incumbent.verbalizer
@@ -751,13 +771,21 @@ class _Run:
         batch = error_examples + retain_examples
         records = self.predict_many(batch, candidate)
         fixed = sum(r.label == e.label for e, r in zip(error_examples, records[: len(error_examples)], strict=True))
-        broken = sum(r.label != e.label for e, r in zip(retain_examples, records[len(error_examples):], strict=True))
+        broken = sum(r.label != e.label for e, r in zip(retain_examples, records[len(error_examples) :], strict=True))
         penalty = broken if opt.selection == "guarded" else 0
         score = (fixed - penalty) / len(error_examples)
         entry.update(fixed=fixed, broken=broken, inner_score=score)
         q_history.append((q, score))
-        logger.info("  inner %d.%d: score %.2f (fixed %d/%d, broke %d/%d)", t, k, score, fixed,
-                    len(error_examples), broken, len(retain_examples))
+        logger.info(
+            "  inner %d.%d: score %.2f (fixed %d/%d, broke %d/%d)",
+            t,
+            k,
+            score,
+            fixed,
+            len(error_examples),
+            broken,
+            len(retain_examples),
+        )
         return candidate, score, entry
 
     def _select_paper(
@@ -821,12 +849,14 @@ class _Run:
             score, _, cid = ranked[0]
             chosen, _, record = by_id[cid]
             record["accepted"] = True
-            self.rounds.append({"outer_step": t, "accepted": cid, "val_score": score,
-                                "trials": [asdict(tr) for tr in outcome.trials]})
+            self.rounds.append(
+                {"outer_step": t, "accepted": cid, "val_score": score, "trials": [asdict(tr) for tr in outcome.trials]}
+            )
             logger.info("outer step %d: accepted candidate %s (validation %.4f >= %.4f)", t, cid, score, reference)
             return chosen, score, score > reference
-        self.rounds.append({"outer_step": t, "accepted": None, "val_score": reference,
-                            "trials": [asdict(tr) for tr in outcome.trials]})
+        self.rounds.append(
+            {"outer_step": t, "accepted": None, "val_score": reference, "trials": [asdict(tr) for tr in outcome.trials]}
+        )
         logger.info("outer step %d: kept the incumbent (validation %.4f)", t, reference)
         return incumbent, reference, False
 
@@ -844,7 +874,10 @@ class _Run:
         proposer = opt.outer_steps * (2 * inner - 1)
         logger.info(
             "pre-flight upper bound on LM calls (before caching): judge %d, verbalizer %d, proposer %d, total %d%s",
-            judge, verbal, proposer, judge + verbal + proposer,
+            judge,
+            verbal,
+            proposer,
+            judge + verbal + proposer,
             f"; budget {normalise_caps(opt.max_calls)}" if opt.max_calls is not None else "",
         )
 
@@ -862,8 +895,10 @@ class _Run:
         program.rounds_ = [dict(r) for r in self.rounds]
         program.studies_ = list(self.studies)
         program.study_ = self.studies[-1] if self.studies else None
-        program.usage_ = {**self.ledger.to_dict(), "verbalization_cache": {"hits": self.vcache.hits,
-                                                                           "misses": self.vcache.misses}}
+        program.usage_ = {
+            **self.ledger.to_dict(),
+            "verbalization_cache": {"hits": self.vcache.hits, "misses": self.vcache.misses},
+        }
         program.stop_reason_ = stop_reason
         program.run_dir_ = str(self.run_dir) if self.persistent else None
         program._compiled = True
@@ -873,7 +908,10 @@ class _Run:
             save_program(program, self.run_dir / "program.json")
         logger.info(
             "BLPO finished (%s): validation %s %.4f -> %.4f; LM calls %s",
-            stop_reason, self.metric_name, seed_score or 0.0, score or 0.0,
+            stop_reason,
+            self.metric_name,
+            seed_score or 0.0,
+            score or 0.0,
             {role: usage["calls"] for role, usage in self.ledger.to_dict().items()},
         )
         return program

@@ -137,7 +137,7 @@ class OptunaSelector:
             incumbent_rung_scores: The incumbent's corpus metric at each rung size.
             sizes: Rung sizes (prefix lengths of the permuted validation split).
             score_prefix: ``(candidate_id, m) -> corpus metric on the first m validation examples``; may raise
-                ``BudgetExhausted``, which marks the running trial failed and propagates.
+                ``BudgetExhaustedError``, which marks the running trial failed and propagates.
 
         Returns:
             The outcome and the study.
@@ -187,8 +187,13 @@ class OptunaSelector:
                 else:
                     study.tell(trial, outcome.full_scores[cid])
                 outcome.trials.append(
-                    TrialRecord(trial.number, cid, list(previous.rung_scores if previous else []),
-                                bool(previous and previous.pruned), duplicate=True)
+                    TrialRecord(
+                        trial.number,
+                        cid,
+                        list(previous.rung_scores if previous else []),
+                        bool(previous and previous.pruned),
+                        duplicate=True,
+                    )
                 )
                 continue
             record = TrialRecord(trial.number, cid, [], pruned=False)

@@ -86,7 +86,10 @@ def test_verbalizer_calls_equal_unique_image_instruction_pairs(tmp_path: Path) -
     # a second compile sharing the cache file verbalizes nothing it has seen
     world2 = CountingWorld()
     _compile(world2, cache_path=tmp_path / "run" / "cache.sqlite")
-    seen = {(hashlib.sha256(c.images["image"][0]).hexdigest(), c.instructions) for c in world2.engine.calls_for("verbalizer")}
+    seen = {
+        (hashlib.sha256(c.images["image"][0]).hexdigest(), c.instructions)
+        for c in world2.engine.calls_for("verbalizer")
+    }
     assert not (seen & pairs)
 
 
@@ -287,13 +290,17 @@ def test_runs_on_ordinal_pairwise_and_binary_tasks(task_name: str, answer: str, 
     lm = engine.lm()
     examples = []
     for i in range(12):
-        inputs: dict[str, Any] = {f: dspy.Image(PILImage.new("RGB", (4, 4), (i * 20, 10, 10))) for f in task.image_fields}
+        inputs: dict[str, Any] = {
+            f: dspy.Image(PILImage.new("RGB", (4, 4), (i * 20, 10, 10))) for f in task.image_fields
+        }
         inputs.update({t: f"prompt {i}" for t in task.text_fields})
-        examples.append(dspy.Example(id=str(i), label=task.labels[i % len(task.labels)], **inputs)
-                        .with_inputs(*task.input_fields))
+        examples.append(
+            dspy.Example(id=str(i), label=task.labels[i % len(task.labels)], **inputs).with_inputs(*task.input_fields)
+        )
     program = ImageJudge(task, judge_sees=judge_sees, verbalizer_lm=lm, judge_lm=lm)
-    compiled = BLPO(proposer_lm=lm, outer_steps=1, inner_steps=2, error_batch_size=4, retain_batch_size=2,
-                    num_threads=2).compile(program, trainset=examples[:8], valset=examples[8:])
+    compiled = BLPO(
+        proposer_lm=lm, outer_steps=1, inner_steps=2, error_batch_size=4, retain_batch_size=2, num_threads=2
+    ).compile(program, trainset=examples[:8], valset=examples[8:])
     assert compiled.history_ and compiled.history_[0]["inner_score"] is not None
     verbal = engine.calls_for("verbalizer")
     assert verbal and all(len(c.images) == 1 for c in verbal)  # pairwise: each image verbalized on its own

@@ -1,0 +1,246 @@
+"""The ``blpo`` command line: tasks, compile, evaluate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+logger = logging.getLogger("blpo_dspy.cli")
+
+DEFAULT_SPLITS = {"train": 0.5, "val": 0.25, "test": 0.25}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``blpo`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "LiteLLM", "dspy", "optuna"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as exc:
+        logger.debug("error", exc_info=True)
+        print(f"blpo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blpo", description="Compile human-aligned image judges with BLPO on DSPy.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tasks", help="list the built-in task cards")
+    p.add_argument("--json", action="store_true", help="print the cards as JSON")
+    p.set_defaults(handler=_cmd_tasks)
+
+    p = sub.add_parser("compile", help="optimize a judge program with BLPO")
+    p.add_argument("task", help="built-in task name or path to a task card (.toml)")
+    _data_args(p)
+    p.add_argument("--verbalizer-lm", required=True, help="LM spec for the verbalizer (e.g. openai/gpt-4o, local)")
+    p.add_argument("--judge-lm", required=True, help="LM spec for the judge")
+    p.add_argument("--proposer-lm", required=True, help="LM spec for the proposer (text only)")
+    p.add_argument("--judge-sees", choices=["image", "text", "both"], default="image")
+    p.add_argument("--run-dir", required=True, type=Path, help="run directory (state, study, cache, program)")
+    p.add_argument("--resume", action="store_true", help="continue a killed compile in --run-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-calls", type=int, default=None, help="cap on the total number of LM calls")
+    p.add_argument("--outer-steps", type=int, default=5)
+    p.add_argument("--inner-steps", type=int, default=5)
+    p.add_argument("--error-batch-size", type=int, default=10)
+    p.add_argument("--retain-batch-size", type=int, default=10)
+    p.add_argument("--selection", choices=["guarded", "paper"], default="guarded")
+    p.add_argument("--metric", default="primary", help="selection metric name (default: the task's primary)")
+    p.add_argument("--threads", type=int, default=8)
+    p.set_defaults(handler=_cmd_compile)
+
+    p = sub.add_parser("evaluate", help="evaluate a saved program on a split")
+    p.add_argument("program", type=Path, help="program.json written by compile")
+    _data_args(p)
+    p.add_argument("--split", default="test", help="split to evaluate (from splits.json beside the program) or 'all'")
+    p.add_argument("--verbalizer-lm", default=None, help="LM spec for the verbalizer (text/both judges)")
+    p.add_argument("--judge-lm", required=True, help="LM spec for the judge")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--json-out", type=Path, default=None, help="also write the evaluation as JSON")
+    p.set_defaults(handler=_cmd_evaluate)
+
+    p = sub.add_parser("demo", help="offline demo: synthetic compliance task, seed vs BLPO on the local stack")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--quality", action="store_true", help="use the 1.5B model (slower, better)")
+    p.add_argument("--n", type=int, default=None, help="number of synthetic banners (default: a 20-minute budget)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="CSV/JSONL manifest, or a folder of class subfolders")
+    p.add_argument("--images", type=Path, default=None, help="image root (default: the manifest's folder)")
+    p.add_argument("--split-sizes", default=None, help="e.g. train=0.5,val=0.25,test=0.25 (or counts)")
+    p.add_argument("--split-seed", type=int, default=0)
+
+
+# ---------------------------------------------------------------------- commands
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from blpo_dspy.task import Task, builtin_task_names
+
+    tasks = [Task.load(name) for name in builtin_task_names()]
+    if args.json:
+        print(json.dumps([t.to_dict() for t in tasks], indent=2))
+        return 0
+    width = max(len(t.name) for t in tasks)
+    for task in tasks:
+        inputs = ", ".join(task.input_fields)
+        print(f"{task.name:<{width}}  {task.kind:<8}  labels: {task.label_space_text:<28}  inputs: {inputs}")
+    return 0
+
+
+def _load_task(spec: str) -> Any:
+    from blpo_dspy.task import Task
+
+    return Task.load(spec)
+
+
+def _load_examples(args: argparse.Namespace, task: Any) -> list[Any]:
+    from blpo_dspy.data import load_folder, load_manifest
+
+    if args.data.is_dir():
+        return load_folder(args.data, task)
+    return load_manifest(args.data, task, image_root=args.images)
+
+
+def _parse_sizes(text: str | None) -> dict[str, float | int]:
+    if not text:
+        return dict(DEFAULT_SPLITS)
+    sizes: dict[str, float | int] = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if not value:
+            raise ValueError(f"--split-sizes: expected name=value, got {item!r}")
+        sizes[name.strip()] = float(value) if "." in value else int(value)
+    return sizes
+
+
+def _split(args: argparse.Namespace, examples: list[Any]) -> dict[str, list[Any]]:
+    from blpo_dspy.data import stratified_split
+
+    return stratified_split(examples, sizes=_parse_sizes(args.split_sizes), seed=args.split_seed)
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from blpo_dspy.evaluation import evaluate
+    from blpo_dspy.lm_specs import build_lm
+    from blpo_dspy.modules import ImageJudge
+    from blpo_dspy.teleprompt import BLPO
+
+    task = _load_task(args.task)
+    examples = _load_examples(args, task)
+    splits = _split(args, examples)
+    for name in ("train", "val"):
+        if not splits.get(name):
+            raise ValueError(f"the {name} split is empty; adjust --split-sizes")
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    _write_splits(args.run_dir / "splits.json", splits, args)
+    verbalizer_lm = build_lm(args.verbalizer_lm, role="verbalizer")
+    judge_lm = build_lm(args.judge_lm, role="judge")
+    proposer_lm = build_lm(args.proposer_lm, role="proposer")
+    program = ImageJudge(task, judge_sees=args.judge_sees, verbalizer_lm=verbalizer_lm, judge_lm=judge_lm)
+    optimizer = BLPO(
+        metric=args.metric,
+        proposer_lm=proposer_lm,
+        outer_steps=args.outer_steps,
+        inner_steps=args.inner_steps,
+        error_batch_size=args.error_batch_size,
+        retain_batch_size=args.retain_batch_size,
+        num_threads=args.threads,
+        seed=args.seed,
+        selection=args.selection,
+        max_calls=args.max_calls,
+        run_dir=args.run_dir,
+        resume=args.resume,
+        progress=True,
+    )
+    compiled = optimizer.compile(program, trainset=splits["train"], valset=splits["val"])
+    print(
+        f"stopped: {compiled.stop_reason_}; validation {compiled.metric_name_}: "
+        f"{_fmt(compiled.seed_score_)} (seed) -> {_fmt(compiled.best_score_)} (compiled)"
+    )
+    print(json.dumps(compiled.best_instructions_, indent=2, ensure_ascii=False))
+    if splits.get("test"):
+        report = evaluate(compiled, splits["test"], num_threads=args.threads)
+        print(f"\nheld-out test split (n={report.n}):\n{report.table()}")
+        (args.run_dir / "test_evaluation.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    print(f"\nprogram: {args.run_dir / 'program.json'}")
+    return 0
+
+
+def _write_splits(path: Path, splits: dict[str, list[Any]], args: argparse.Namespace) -> None:
+    data = {
+        "seed": args.split_seed,
+        "sizes": _parse_sizes(args.split_sizes),
+        "ids": {name: [str(e.id) for e in examples] for name, examples in splits.items()},
+    }
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from blpo_dspy.evaluation import evaluate
+    from blpo_dspy.lm_specs import build_lm
+    from blpo_dspy.persistence import load_program
+
+    judge_lm = build_lm(args.judge_lm, role="judge")
+    verbalizer_lm = build_lm(args.verbalizer_lm, role="verbalizer") if args.verbalizer_lm else None
+    program = load_program(args.program, verbalizer_lm=verbalizer_lm, judge_lm=judge_lm)
+    if program.judge_sees != "image" and verbalizer_lm is None:
+        raise ValueError(
+            f"this program's judge reads verbalizations (judge_sees={program.judge_sees}); pass --verbalizer-lm"
+        )
+    examples = _load_examples(args, program.task)
+    if args.split != "all":
+        splits_file = args.program.parent / "splits.json"
+        if splits_file.exists():
+            wanted = set(json.loads(splits_file.read_text(encoding="utf-8"))["ids"].get(args.split, []))
+            if not wanted:
+                raise ValueError(f"{splits_file.name}: no split named {args.split!r}")
+            examples = [e for e in examples if str(e.id) in wanted]
+        else:
+            examples = _split(args, examples).get(args.split, [])
+        if not examples:
+            raise ValueError(f"split {args.split!r} is empty for these data")
+    report = evaluate(program, examples, num_threads=args.threads)
+    print(
+        f"{program.task.name}: {args.split} split, n={report.n}, parse failures "
+        f"{report.parse_failure_rate:.1%}, errors {report.error_count}"
+    )
+    print(report.table())
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from blpo_dspy.demo import run_demo
+
+    run_demo(run_dir=args.run_dir, quality=args.quality, n=args.n, seed=args.seed, resume=args.resume)
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

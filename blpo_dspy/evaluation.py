@@ -1,0 +1,347 @@
+"""Run a judge program over labelled examples and score its agreement with the human labels.
+
+:func:`evaluate` calls ``program(**example.inputs())`` for every example (in parallel threads that inherit the
+caller's ``dspy.context``), never raises because of one example, and returns an :class:`EvaluationReport` with one
+record per example and corpus metrics with bootstrap confidence intervals.
+
+The program contract: it returns a ``dspy.Prediction`` whose ``label`` is a canonical label of the task, or
+``None`` when the LM answer could not be parsed; optionally ``raw_label`` (the LM's answer as text), ``rationale``
+and ``error`` (a string, when the call failed). A raised exception, a missing ``label`` field or a non-empty
+``error`` makes the example a *failed call*; a ``None`` label with no error is a *parse failure*. Both count as
+wrong answers in every metric (see :mod:`blpo_dspy.metrics`). A label returned together with an ``error`` is
+still scored (the call is counted as failed all the same).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dspy
+from dspy.utils.parallelizer import ParallelExecutor
+
+from blpo_dspy.metrics import (
+    METRICS,
+    ConfusionMatrix,
+    Score,
+    confusion_matrix,
+    corpus_scores,
+    primary_metric,
+    resolve_metric_names,
+)
+from blpo_dspy.task import LABEL_FIELD, RATIONALE_FIELD, Label, LabelError, Task
+
+logger = logging.getLogger(__name__)
+
+_MAX_ERROR_TEXT = 500
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """What the program answered for one example.
+
+    Attributes:
+        index: Position of the example in the evaluated sequence.
+        id: The example's ``id`` field, or ``None`` if it has none.
+        gold: The human label (canonical).
+        label: The predicted canonical label, or ``None`` (parse failure or failed call).
+        raw_label: The LM's answer as text (``raw_label`` of the prediction, else its ``label``), if any.
+        rationale: The judge's rationale, if the program returned one.
+        error: Why the call failed (exception type and message, or the program's ``error``), else ``None``.
+    """
+
+    index: int
+    id: str | int | None
+    gold: Label
+    label: Label | None
+    raw_label: str | None = None
+    rationale: str | None = None
+    error: str | None = None
+
+    @property
+    def correct(self) -> bool:
+        """Whether the predicted label equals the human label."""
+        return self.label is not None and self.label == self.gold
+
+    @property
+    def failed(self) -> bool:
+        """Whether the call failed (as opposed to answering, parsable or not)."""
+        return self.error is not None
+
+    @property
+    def parse_failure(self) -> bool:
+        """Whether the program answered but its answer did not parse to a label."""
+        return self.label is None and self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {
+            "index": self.index,
+            "id": self.id,
+            "gold": self.gold,
+            "label": self.label,
+            "raw_label": self.raw_label,
+            "rationale": self.rationale,
+            "error": self.error,
+            "correct": self.correct,
+        }
+
+
+@dataclass
+class EvaluationReport:
+    """The outcome of :func:`evaluate`.
+
+    Attributes:
+        task_name: Name of the task.
+        predictions: One record per example, in input order.
+        scores: Corpus metrics by name, with confidence intervals when requested.
+        primary: Name of the primary metric (a key of ``scores``).
+        parse_failure_rate: Fraction of examples where the program answered but the answer did not parse.
+        error_count: Number of failed calls (exception, missing ``label``, or ``error`` set by the program).
+        n: Number of examples.
+        confusion: Confusion matrix (task label order, plus an ``unparsed`` column for both failure kinds).
+        confidence: Coverage of the confidence intervals.
+    """
+
+    task_name: str
+    predictions: list[PredictionRecord]
+    scores: dict[str, Score]
+    primary: str
+    parse_failure_rate: float
+    error_count: int
+    n: int
+    confusion: ConfusionMatrix
+    confidence: float = 0.95
+
+    @property
+    def primary_score(self) -> Score:
+        """The :class:`Score` of the primary metric."""
+        return self.scores[self.primary]
+
+    @property
+    def error_rate(self) -> float:
+        """Fraction of examples whose call failed."""
+        return self.error_count / self.n if self.n else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (``nan`` becomes ``None``)."""
+        return {
+            "task": self.task_name,
+            "n": self.n,
+            "primary": self.primary,
+            "confidence": self.confidence,
+            "scores": {name: score.to_dict() for name, score in self.scores.items()},
+            "parse_failure_rate": self.parse_failure_rate,
+            "error_count": self.error_count,
+            "confusion_matrix": self.confusion.to_dict(),
+            "predictions": [record.to_dict() for record in self.predictions],
+        }
+
+    def table(self, digits: int = 3) -> str:
+        """The scores as a Markdown table (metric, value, confidence interval); the primary metric first, in bold.
+
+        Args:
+            digits: Decimal places.
+        """
+        ci_header = f"{round(self.confidence * 100, 1):g}% CI"
+        lines = [f"| Metric | Value | {ci_header} |", "|---|---|---|"]
+        names = [self.primary, *[name for name in self.scores if name != self.primary]]
+        for name in names:
+            score = self.scores[name]
+            title = METRICS[name].title if name in METRICS else name
+            if name == self.primary:
+                title = f"**{title}** (primary)"
+            value = _fmt(score.value, digits)
+            if score.low is None or score.high is None:
+                interval = "—"
+            else:
+                interval = f"[{_fmt(score.low, digits)}, {_fmt(score.high, digits)}]"
+            lines.append(f"| {title} | {value} | {interval} |")
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _example_id(example: Any) -> str | int | None:
+    value = example.get("id") if hasattr(example, "get") else getattr(example, "id", None)
+    if value is None or isinstance(value, str | int):
+        return value
+    return str(value)
+
+
+def _where(index: int, ident: str | int | None) -> str:
+    return f"example {index}" + (f" (id={ident!r})" if ident is not None else "")
+
+
+def _check_examples(task: Task, examples: Sequence[Any]) -> list[tuple[Label, str | int | None]]:
+    """Validate gold labels and inputs before any call; return ``(gold, id)`` per example."""
+    checked: list[tuple[Label, str | int | None]] = []
+    for index, example in enumerate(examples):
+        ident = _example_id(example)
+        where = _where(index, ident)
+        if not isinstance(example, dspy.Example):
+            raise TypeError(f"{where}: expected a dspy.Example, got {type(example).__name__}")
+        try:
+            example.inputs()
+        except ValueError as exc:
+            raise ValueError(f"{where}: no input fields; build it with .with_inputs(...) ({exc})") from exc
+        if LABEL_FIELD not in example:
+            raise LabelError(f"{where}: field 'label': missing")
+        try:
+            gold = task.validate_label(example[LABEL_FIELD])
+        except LabelError as exc:
+            raise LabelError(f"{where}: field 'label': {exc}") from exc
+        checked.append((gold, ident))
+    return checked
+
+
+def _optional_text(prediction: Any, name: str) -> str | None:
+    try:
+        value = getattr(prediction, name)
+    except AttributeError:
+        return None
+    return None if value is None else str(value)
+
+
+def _run_one(program: Any, task: Task, index: int, example: dspy.Example, gold: Label, ident: Any) -> PredictionRecord:
+    """Call the program on one example; never raises (except ``BaseException``s such as ``KeyboardInterrupt``)."""
+    try:
+        prediction = program(**example.inputs())
+    except Exception as exc:
+        logger.debug("%s: program raised", _where(index, ident), exc_info=True)
+        return PredictionRecord(index, ident, gold, None, error=_error_text(exc))
+    try:
+        value = getattr(prediction, LABEL_FIELD)
+    except AttributeError:
+        return PredictionRecord(
+            index,
+            ident,
+            gold,
+            None,
+            raw_label=_optional_text(prediction, "raw_label"),
+            rationale=_optional_text(prediction, RATIONALE_FIELD),
+            error=f"the program returned {type(prediction).__name__} without a '{LABEL_FIELD}' field",
+        )
+    try:
+        label = task.parse_label(value)
+    except Exception as exc:  # a custom label object whose str() raises, say
+        return PredictionRecord(index, ident, gold, None, error=_error_text(exc))
+    raw = _optional_text(prediction, "raw_label")
+    if raw is None and value is not None:
+        raw = str(value)
+    error = _optional_text(prediction, "error")
+    return PredictionRecord(
+        index,
+        ident,
+        gold,
+        label,
+        raw_label=raw,
+        rationale=_optional_text(prediction, RATIONALE_FIELD),
+        error=error or None,
+    )
+
+
+def _error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= _MAX_ERROR_TEXT else text[: _MAX_ERROR_TEXT - 1] + "…"
+
+
+def evaluate(
+    program: Any,
+    examples: Sequence[dspy.Example],
+    *,
+    task: Task | None = None,
+    metric: str | Sequence[str] | None = None,
+    num_threads: int = 1,
+    ci: bool = True,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> EvaluationReport:
+    """Run a judge program on labelled examples and score it against the human labels.
+
+    Each example runs as ``program(**example.inputs())`` on a pool of ``num_threads`` threads (DSPy's
+    ``ParallelExecutor``, which copies the caller's ``dspy.context`` settings into every worker); results keep the
+    input order. An exception, a missing ``label`` or an ``error`` on the prediction becomes a failed prediction
+    (label ``None``, error text recorded) — one bad example never aborts the run. Gold labels and example inputs
+    are checked before the first call.
+
+    Args:
+        program: A callable (normally a ``dspy.Module``) returning a ``dspy.Prediction`` with ``label``.
+        examples: ``dspy.Example`` objects with inputs set and a gold ``label`` (optionally an ``id``).
+        task: The judging task; defaults to ``program.task``.
+        metric: A metric name or list of names from :data:`blpo_dspy.metrics.METRICS`; ``None`` for the task's
+            default metrics. The primary metric is the first name given, or the task's primary metric.
+        num_threads: Worker threads.
+        ci: Whether to compute bootstrap confidence intervals.
+        n_resamples: Bootstrap resamples.
+        seed: Bootstrap seed.
+        confidence: Interval coverage.
+
+    Returns:
+        The :class:`EvaluationReport`.
+
+    Raises:
+        TypeError: No task given and the program has none, or an item is not a ``dspy.Example``.
+        ValueError: No examples, an example without inputs, unknown metric names, bad ``num_threads``.
+        LabelError: A gold label is missing or outside the label space (the message names the example).
+    """
+    if task is None:
+        task = getattr(program, "task", None)
+        if not isinstance(task, Task):
+            raise TypeError("evaluate() needs a task: pass task=... or give the program a 'task' attribute")
+    if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
+    examples = list(examples)
+    if not examples:
+        raise ValueError("evaluate() got no examples")
+    names = resolve_metric_names(task, metric)
+    primary = names[0] if metric is not None else primary_metric(task)
+    checked = _check_examples(task, examples)
+
+    executor = ParallelExecutor(
+        num_threads=num_threads,
+        max_errors=len(examples) + 1,  # _run_one catches errors itself; never cancel the run
+        disable_progress_bar=True,
+        provide_traceback=False,
+        timeout=0,  # no straggler re-submission: a slow LM call must not be paid twice
+    )
+    jobs = [(i, example, *checked[i]) for i, example in enumerate(examples)]
+    results = executor.execute(lambda job: _run_one(program, task, *job), jobs)
+    records: list[PredictionRecord] = []
+    for (i, _, gold, ident), result in zip(jobs, results, strict=True):
+        if not isinstance(result, PredictionRecord):  # only if the executor itself failed on this item
+            result = PredictionRecord(i, ident, gold, None, error=f"not run: {result!r}")
+        records.append(result)
+
+    errors = [r for r in records if r.failed]
+    if errors:
+        first = errors[0]
+        logger.warning(
+            "%d of %d examples failed; first: %s: %s",
+            len(errors),
+            len(records),
+            _where(first.index, first.id),
+            first.error,
+        )
+    y_true = [r.gold for r in records]
+    y_pred = [r.label for r in records]
+    scores = corpus_scores(
+        task, y_true, y_pred, metrics=names, ci=ci, n_resamples=n_resamples, seed=seed, confidence=confidence
+    )
+    return EvaluationReport(
+        task_name=task.name,
+        predictions=records,
+        scores=scores,
+        primary=primary,
+        parse_failure_rate=sum(r.parse_failure for r in records) / len(records),
+        error_count=len(errors),
+        n=len(records),
+        confusion=confusion_matrix(task, y_true, y_pred),
+        confidence=confidence,
+    )

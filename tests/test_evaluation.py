@@ -1,0 +1,231 @@
+"""evaluate(): order, failures, parse failures, threads, settings propagation, report serialisation."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import dspy
+import pytest
+from PIL import Image
+
+from blpo_dspy.evaluation import EvaluationReport, PredictionRecord, evaluate
+from blpo_dspy.metrics import METRICS, accuracy
+from blpo_dspy.task import LabelError, Task
+
+ALIGNMENT = Task.load("alignment")
+RATING = Task.load("rating")
+
+
+def _image(color: tuple[int, int, int]) -> dspy.Image:
+    return dspy.Image(Image.new("RGB", (8, 8), color))
+
+
+def _examples(golds: list[Any], task: Task = ALIGNMENT) -> list[dspy.Example]:
+    return [
+        dspy.Example(id=f"ex{i}", image=_image((i * 20 % 256, 0, 0)), prompt=f"p{i}", label=gold).with_inputs(
+            *task.input_fields
+        )
+        for i, gold in enumerate(golds)
+    ]
+
+
+class ScriptedJudge(dspy.Module):
+    """Answers by prompt: a label string (parsed like an LM answer), "raise", "nolabel" or "error"."""
+
+    def __init__(self, task: Task, script: dict[str, str], delay: float = 0.0) -> None:
+        super().__init__()
+        self.task = task
+        self.script = script
+        self.delay = delay
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+
+    def forward(self, image: dspy.Image, prompt: str) -> dspy.Prediction:
+        assert isinstance(image, dspy.Image)
+        with self._lock:
+            self.calls.append(prompt)
+        if self.delay:  # earlier examples finish later, so completion order differs from input order
+            time.sleep(self.delay * (len(self.script) - int(prompt[1:])))
+        answer = self.script[prompt]
+        if answer == "raise":
+            raise RuntimeError(f"backend down for {prompt}")
+        if answer == "nolabel":
+            return dspy.Prediction(rationale="forgot the label")
+        if answer == "error":
+            return dspy.Prediction(label=None, raw_label=None, error="TimeoutError: no answer in 120 s")
+        return dspy.Prediction(label=self.task.parse_label(answer), raw_label=answer, rationale=f"looked at {prompt}")
+
+
+GOLDS = ["yes", "no", "yes", "no", "yes", "no", "yes", "no"]
+ANSWERS = ["Yes.", "no", "maybe", "raise", "yes", "nolabel", "error", "yes"]
+# right:    y      y     -        -        y      -           -        n  -> 3 of 8 right
+# parse failures: "maybe" (1); failed calls: raise, nolabel, error (3)
+
+
+def _judge(delay: float = 0.0) -> ScriptedJudge:
+    return ScriptedJudge(ALIGNMENT, {f"p{i}": answer for i, answer in enumerate(ANSWERS)}, delay=delay)
+
+
+def test_records_keep_order_and_classify_failures() -> None:
+    report = evaluate(_judge(), _examples(GOLDS), n_resamples=200)
+    assert isinstance(report, EvaluationReport)
+    assert report.n == 8 and report.task_name == "alignment"
+    assert [r.id for r in report.predictions] == [f"ex{i}" for i in range(8)]
+    assert [r.index for r in report.predictions] == list(range(8))
+    assert [r.gold for r in report.predictions] == GOLDS
+    assert [r.label for r in report.predictions] == ["yes", "no", None, None, "yes", None, None, "yes"]
+    assert [r.correct for r in report.predictions] == [True, True, False, False, True, False, False, False]
+    assert report.parse_failure_rate == pytest.approx(1 / 8)
+    assert report.error_count == 3 and report.error_rate == pytest.approx(3 / 8)
+
+    raised, nolabel, error = report.predictions[3], report.predictions[5], report.predictions[6]
+    assert raised.error == "RuntimeError: backend down for p3"
+    assert nolabel.error is not None and "without a 'label' field" in nolabel.error
+    assert nolabel.rationale == "forgot the label"
+    assert error.error == "TimeoutError: no answer in 120 s"
+    unparsed = report.predictions[2]
+    assert unparsed.parse_failure and not unparsed.failed and unparsed.raw_label == "maybe"
+    assert report.predictions[0].raw_label == "Yes." and report.predictions[0].rationale == "looked at p0"
+
+
+def test_scores_use_the_task_metrics() -> None:
+    report = evaluate(_judge(), _examples(GOLDS), n_resamples=200)
+    assert report.primary == "macro_f1"
+    assert next(iter(report.scores)) == "macro_f1" and "coverage" in report.scores
+    assert report.scores["accuracy"].value == pytest.approx(3 / 8)
+    assert report.scores["coverage"].value == pytest.approx(4 / 8)  # 1 unparsed + 3 failed calls
+    expected = accuracy(ALIGNMENT, GOLDS, [r.label for r in report.predictions])
+    assert report.scores["accuracy"].value == pytest.approx(expected)
+    acc = report.scores["accuracy"]
+    assert acc.low is not None and acc.high is not None and acc.low <= acc.value <= acc.high
+    assert report.primary_score is report.scores["macro_f1"]
+    # Unparsed and failed calls all land in the unparsed column.
+    assert report.confusion.counts.tolist() == [[2, 0, 2], [1, 1, 2]]
+
+
+def test_threads_give_the_same_report_as_one_thread() -> None:
+    examples = _examples(GOLDS)
+    judge = _judge(delay=0.01)
+    one = evaluate(judge, examples, n_resamples=100, seed=5)
+    four = evaluate(judge, examples, num_threads=4, n_resamples=100, seed=5)
+    assert four.to_dict() == one.to_dict()
+    assert sorted(judge.calls) == sorted([f"p{i}" for i in range(8)] * 2)  # each example called once per run
+
+
+def test_worker_threads_see_the_callers_dspy_context() -> None:
+    seen: list[Any] = []
+    lock = threading.Lock()
+
+    class LmProbe(dspy.Module):
+        task = ALIGNMENT
+
+        def forward(self, image: dspy.Image, prompt: str) -> dspy.Prediction:
+            with lock:
+                seen.append((threading.get_ident(), dspy.settings.lm))
+            time.sleep(0.02)
+            return dspy.Prediction(label="yes")
+
+    marker = dspy.utils.DummyLM([])
+    with dspy.context(lm=marker):
+        report = evaluate(LmProbe(), _examples(GOLDS), num_threads=4, ci=False)
+    assert report.error_count == 0
+    assert len(seen) == 8 and all(lm is marker for _, lm in seen)
+    assert len({thread for thread, _ in seen}) > 1  # really ran on several threads
+
+
+def test_metric_selection_and_table() -> None:
+    report = evaluate(_judge(), _examples(GOLDS), metric=["accuracy", "cohen_kappa"], n_resamples=100)
+    assert list(report.scores) == ["accuracy", "cohen_kappa"] and report.primary == "accuracy"
+    table = report.table()
+    lines = table.strip().splitlines()
+    assert lines[0] == "| Metric | Value | 95% CI |" and len(lines) == 4
+    assert lines[2].startswith("| **Accuracy** (primary) | 0.375 | [")
+    assert lines[3].startswith(f"| {METRICS['cohen_kappa'].title} |")
+
+    no_ci = evaluate(_judge(), _examples(GOLDS), metric="accuracy", ci=False, confidence=0.9)
+    assert no_ci.scores["accuracy"].low is None
+    assert no_ci.table().splitlines()[2] == "| **Accuracy** (primary) | 0.375 | — |"
+    assert "90% CI" in no_ci.table()
+
+
+def test_report_is_json_serialisable() -> None:
+    report = evaluate(_judge(), _examples(GOLDS), n_resamples=100)
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert data["n"] == 8 and data["error_count"] == 3 and data["primary"] == "macro_f1"
+    assert data["predictions"][3]["error"] == "RuntimeError: backend down for p3"
+    assert data["predictions"][0] == {
+        "index": 0,
+        "id": "ex0",
+        "gold": "yes",
+        "label": "yes",
+        "raw_label": "Yes.",
+        "rationale": "looked at p0",
+        "error": None,
+        "correct": True,
+    }
+    assert data["confusion_matrix"]["columns"] == ["yes", "no", "unparsed"]
+    assert set(data["scores"]["accuracy"]) == {"value", "low", "high"}
+
+
+def test_undefined_scores_serialise_as_null() -> None:
+    judge = ScriptedJudge(ALIGNMENT, {"p0": "yes", "p1": "yes"})
+    report = evaluate(judge, _examples(["yes", "yes"]), metric="cohen_kappa", n_resamples=20)
+    assert report.to_dict()["scores"]["cohen_kappa"] == {"value": None, "low": None, "high": None}
+    assert "| n/a | [n/a, n/a] |" in report.table()
+
+
+def test_ordinal_task_defaults() -> None:
+    golds = [1, 2, 3, 4, 5, 3]
+    judge = ScriptedJudge(RATING, {"p0": "1", "p1": "Score: 2", "p2": "4", "p3": "4/5", "p4": "five", "p5": "3"})
+    report = evaluate(judge, _examples(golds, RATING), n_resamples=100)
+    assert report.primary == "cohen_kappa_quadratic"
+    assert {"spearman", "kendall", "coverage"} <= set(report.scores)
+    assert [r.label for r in report.predictions] == [1, 2, 4, 4, None, 3]
+    assert report.scores["coverage"].value == pytest.approx(5 / 6)
+    assert report.parse_failure_rate == pytest.approx(1 / 6) and report.error_count == 0
+
+
+def test_task_comes_from_the_program_or_the_argument() -> None:
+    examples = _examples(["yes", "no"])
+
+    def plain(image: dspy.Image, prompt: str) -> dspy.Prediction:
+        return dspy.Prediction(label="yes")
+
+    with pytest.raises(TypeError, match="needs a task"):
+        evaluate(plain, examples)
+    report = evaluate(plain, examples, task=ALIGNMENT, ci=False)
+    assert report.scores["accuracy"].value == pytest.approx(0.5)
+
+
+def test_bad_input_fails_before_any_call() -> None:
+    judge = _judge()
+    bad_gold = _examples(["yes", "no", "perhaps"])
+    with pytest.raises(LabelError, match=r"example 2 \(id='ex2'\): field 'label'.*perhaps"):
+        evaluate(judge, bad_gold)
+    no_inputs = [dspy.Example(id="raw", prompt="p0", label="yes")]
+    with pytest.raises(ValueError, match=r"example 0 \(id='raw'\).*with_inputs"):
+        evaluate(judge, no_inputs)
+    missing_label = [dspy.Example(id="m", image=_image((0, 0, 0)), prompt="p0").with_inputs("image", "prompt")]
+    with pytest.raises(LabelError, match="field 'label': missing"):
+        evaluate(judge, missing_label)
+    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+        evaluate(judge, _examples(GOLDS), metric="f1")
+    with pytest.raises(ValueError, match="applies to ordinal"):
+        evaluate(judge, _examples(GOLDS), metric="spearman")
+    with pytest.raises(ValueError, match="no examples"):
+        evaluate(judge, [])
+    with pytest.raises(ValueError, match="num_threads"):
+        evaluate(judge, _examples(GOLDS), num_threads=0)
+    assert judge.calls == []
+
+
+def test_prediction_record_properties() -> None:
+    right = PredictionRecord(0, "a", "yes", "yes")
+    unparsed = PredictionRecord(1, "b", "yes", None, raw_label="hmm")
+    failed = PredictionRecord(2, None, "no", None, error="ValueError: x")
+    assert right.correct and not right.failed and not right.parse_failure
+    assert not unparsed.correct and unparsed.parse_failure and not unparsed.failed
+    assert failed.failed and not failed.parse_failure and failed.to_dict()["id"] is None
