@@ -263,12 +263,21 @@ class Task:
     def validate_label(self, value: Any) -> Label:
         """Map a human label from a dataset to the canonical label, strictly.
 
-        Accepts the canonical label, its aliases, and for ordinal tasks integers (or integral floats/strings) in range.
+        Accepts the canonical label or one of its aliases (case and surrounding punctuation ignored), and for
+        ordinal tasks an integer (or integral float/string) in range. Unlike ``parse_label`` it does not search
+        free text, so "maybe yes" is refused.
 
         Raises:
             LabelError: The value is not in the task's label space.
         """
-        parsed = self.parse_label(value)
+        parsed: Label | None = None
+        if self.kind == "ordinal":
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                parsed = self._parse_ordinal(value)
+            elif isinstance(value, str) and re.fullmatch(r"\s*-?\d+(?:\.0+)?\s*", value):
+                parsed = self._parse_ordinal(value)
+        elif value is not None and not isinstance(value, bool):
+            parsed = self._lookup.get(_normalise(str(value)))
         if parsed is None:
             raise LabelError(
                 f"label {value!r} is outside the label space of task '{self.name}' ({self.label_space_text})"

@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 Selection = Literal["guarded", "paper"]
+I2TPolicy = Literal["optimize", "fixed", "judge_prompt"]
+I2T_POLICIES: tuple[str, ...] = ("optimize", "fixed", "judge_prompt")
 CorpusMetric = Callable[[Task, Sequence[dspy.Example], Sequence[Label | None]], float]
 
 
@@ -127,6 +129,9 @@ class BLPO(Teleprompter):
         error_sampler: Policy for the error batch (default: balanced over (gold, predicted)).
         retain_sampler: Policy for the retain batch (default: balanced over gold labels).
         pruner: Optuna pruner factory ``(first_rung_size) -> pruner``; default successive halving.
+        i2t_policy: ``"optimize"`` (BLPO), ``"fixed"`` (the inner loop switched off: errors are always verbalized
+            under the incumbent's I2T instruction, i.e. judge-only APO) or ``"judge_prompt"`` (the current judge
+            instruction is reused as the I2T instruction). The last two are the paper's ablations.
         progress: Show tqdm progress bars per loop level.
     """
 
@@ -153,6 +158,7 @@ class BLPO(Teleprompter):
         error_sampler: BatchSampler | None = None,
         retain_sampler: BatchSampler | None = None,
         pruner: Callable[[int], Any] | None = None,
+        i2t_policy: I2TPolicy = "optimize",
         progress: bool = False,
     ) -> None:
         super().__init__()
@@ -172,6 +178,8 @@ class BLPO(Teleprompter):
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if selection not in ("guarded", "paper"):
             raise ValueError(f"selection must be 'guarded' or 'paper', got {selection!r}")
+        if i2t_policy not in I2T_POLICIES:
+            raise ValueError(f"i2t_policy must be one of {I2T_POLICIES}, got {i2t_policy!r}")
         if patience is not None and (not isinstance(patience, int) or patience < 1):
             raise ValueError(f"patience must be None or an int >= 1, got {patience!r}")
         if trials_per_round is not None and (not isinstance(trials_per_round, int) or trials_per_round < 1):
@@ -199,6 +207,7 @@ class BLPO(Teleprompter):
         self.error_sampler = error_sampler
         self.retain_sampler = retain_sampler
         self.pruner = pruner
+        self.i2t_policy = i2t_policy
         self.progress = progress
 
     # ------------------------------------------------------------------ public
@@ -673,9 +682,10 @@ class _Run:
         candidates: list[tuple[Candidate, float, dict[str, Any]]] = []
         q_history: list[tuple[str, float]] = []
         tried_p: list[str] = [incumbent.judge]
-        inner_bar = _progress(opt.progress, total=opt.inner_steps + 1, desc=f"  inner (outer {t})", position=1)
+        n_inner = opt.inner_steps + 1 if opt.i2t_policy == "optimize" else 1
+        inner_bar = _progress(opt.progress, total=n_inner, desc=f"  inner (outer {t})", position=1)
         try:
-            for k in range(opt.inner_steps + 1):
+            for k in range(n_inner):
                 entry = self._inner_step(
                     t, k, incumbent, q_history, tried_p, error_examples, error_records, retain_examples
                 )
@@ -722,7 +732,7 @@ class _Run:
         }
         self.history.append(entry)
         if k == 0:
-            q = incumbent.verbalizer
+            q = incumbent.judge if opt.i2t_policy == "judge_prompt" else incumbent.verbalizer
         else:
             q = self.propose(
                 "update_q",

@@ -1,0 +1,397 @@
+"""CSV / JSONL manifests: example shape, column options, and every kind of bad input named by file, row, field."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import dspy
+import pytest
+from PIL import Image
+
+from blpo_dspy.data import DataError, canonical_label, load_manifest
+from blpo_dspy.images import LazyImage
+from blpo_dspy.task import LabelError
+
+
+@pytest.fixture
+def images(tmp_path: Path, make_image) -> Path:
+    """``tmp_path/data/images`` with red.png, blue.png, green.jpg."""
+    root = tmp_path / "data" / "images"
+    make_image(root / "red.png", (255, 0, 0))
+    make_image(root / "blue.png", (0, 0, 255))
+    make_image(root / "green.jpg", (0, 255, 0))
+    return root
+
+
+def _good_rows() -> list[list[str]]:
+    return [
+        ["a1", "images/red.png", "a red square", "yes"],
+        ["a2", "images/blue.png", "a green square", "no"],
+        ["a3", "images/green.jpg", "a green square", "YES"],
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- happy paths
+
+
+def test_csv_manifest_builds_lazy_examples_with_digests(images: Path, alignment, write_csv) -> None:
+    manifest = write_csv(images.parent / "train.csv", ["id", "image", "prompt", "label"], _good_rows())
+
+    examples = load_manifest(manifest, alignment)
+
+    assert [e.id for e in examples] == ["a1", "a2", "a3"]
+    assert [e.label for e in examples] == ["yes", "no", "yes"]  # "YES" is canonicalised
+    first = examples[0]
+    assert isinstance(first, dspy.Example)
+    assert set(first.inputs().keys()) == {"image", "prompt"}
+    assert set(first.labels().keys()) == {"id", "label", "image_sha256"}
+    assert isinstance(first.image, LazyImage)
+    assert first.prompt == "a red square"
+    expected = hashlib.sha256((images / "red.png").read_bytes()).hexdigest()
+    assert first.image_sha256 == expected == first.image.sha256
+    assert first.image.read_bytes() == (images / "red.png").read_bytes()
+
+
+def test_jsonl_manifest_with_custom_columns_and_label_map(images: Path, alignment, write_jsonl) -> None:
+    rows = [
+        {"key": "x", "path": "red.png", "caption": "red", "verdict": 1},
+        {"key": "y", "path": "blue.png", "caption": "blue", "verdict": 0},
+    ]
+    manifest = write_jsonl(images.parent / "meta" / "set.jsonl", rows)
+
+    examples = load_manifest(
+        manifest,
+        alignment,
+        image_root=images,
+        image_column="path",
+        text_columns={"prompt": "caption"},
+        label_column="verdict",
+        id_column="key",
+        label_map={1: "yes", 0: "no"},
+    )
+
+    assert [(e.id, e.prompt, e.label) for e in examples] == [("x", "red", "yes"), ("y", "blue", "no")]
+    assert examples[1].image.path.name == "blue.png"
+
+
+def test_tsv_with_bom_and_no_id_column_uses_row_numbers(images: Path, safety, write_csv) -> None:
+    manifest = images.parent / "set.tsv"
+    write_csv(manifest, ["image", "label"], [["images/red.png", "unsafe"], ["images/blue.png", "safe"]], "\t")
+    manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
+
+    examples = load_manifest(manifest, safety)
+
+    assert [(e.id, e.label) for e in examples] == [("1", "unsafe"), ("2", "safe")]
+    assert set(examples[0].inputs().keys()) == {"image"}
+
+
+def test_pairwise_manifest(images: Path, preference, write_csv) -> None:
+    manifest = write_csv(
+        images.parent / "pairs.csv",
+        ["left", "right", "prompt", "label"],
+        [["images/red.png", "images/blue.png", "a red square", "A"], ["images/blue.png", "images/red.png", "p", "b"]],
+    )
+
+    examples = load_manifest(manifest, preference, image_column=["left", "right"])
+
+    assert [e.label for e in examples] == ["A", "B"]
+    assert examples[0].image_a.path.name == "red.png" and examples[0].image_b.path.name == "blue.png"
+    assert examples[1].image_a_sha256 == examples[0].image_b_sha256
+    assert set(examples[0].inputs().keys()) == {"image_a", "image_b", "prompt"}
+
+
+def test_extra_columns_are_copied_but_not_inputs(images: Path, alignment, write_csv) -> None:
+    manifest = write_csv(
+        images.parent / "m.csv", ["image", "prompt", "label", "generator"], [["images/red.png", "p", "yes", "sd"]]
+    )
+
+    (example,) = load_manifest(manifest, alignment, extra_columns=["generator"])
+
+    assert example.generator == "sd"
+    assert "generator" not in example.inputs().keys()
+
+
+def test_ordinal_labels_accept_integral_numbers_only(images: Path, naturalness, write_csv) -> None:
+    manifest = write_csv(
+        images.parent / "n.csv", ["image", "label"], [["images/red.png", "4.0"], ["images/blue.png", "2"]]
+    )
+    assert [e.label for e in load_manifest(manifest, naturalness)] == [4, 2]
+    with pytest.raises(LabelError):
+        canonical_label(naturalness, "4/5")
+    with pytest.raises(LabelError):
+        canonical_label(naturalness, "3.5")
+
+
+def test_free_text_labels_are_refused_although_the_lm_parser_would_accept_them(alignment) -> None:
+    assert alignment.parse_label("maybe yes") == "yes"  # lenient parser for LM outputs
+    with pytest.raises(LabelError, match="outside the label space"):
+        canonical_label(alignment, "maybe yes")
+    assert canonical_label(alignment, "aligned") == "yes"  # an alias
+    assert canonical_label(alignment, 0) == "no"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _manifest_with(
+    images: Path, write_csv, image: str, *, prompt: str = "p", label: str = "yes", good_label: str = "yes"
+) -> Path:
+    rows = [["ok", "images/red.png", "p", good_label], ["bad", image, prompt, label]]
+    return write_csv(images.parent / "train.csv", ["id", "image", "prompt", "label"], rows)
+
+
+def _load_error(manifest: Path, task, **kwargs) -> DataError:
+    with pytest.raises(DataError) as info:
+        load_manifest(manifest, task, **kwargs)
+    return info.value
+
+
+def test_missing_image(images: Path, alignment, write_csv, assert_names) -> None:
+    err = _load_error(_manifest_with(images, write_csv, "images/nope.png"), alignment)
+    assert_names(err, file="train.csv", row=2, field="image")
+    assert "does not exist" in str(err) and "images/nope.png" in str(err)
+
+
+def test_image_path_that_is_a_directory(images: Path, alignment, write_csv, assert_names) -> None:
+    (images / "folder.png").mkdir()
+    err = _load_error(_manifest_with(images, write_csv, "images/folder.png"), alignment)
+    assert_names(err, file="train.csv", row=2, field="image")
+    assert "not a regular file" in str(err)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root can read files without permission")
+def test_unreadable_image(images: Path, alignment, write_csv, assert_names) -> None:
+    locked = images / "locked.png"
+    locked.write_bytes((images / "red.png").read_bytes())
+    locked.chmod(0)
+    try:
+        err = _load_error(_manifest_with(images, write_csv, "images/locked.png"), alignment)
+    finally:
+        locked.chmod(0o644)
+    assert_names(err, file="train.csv", row=2, field="image")
+    assert "cannot read" in str(err)
+
+
+def test_corrupt_image(images: Path, alignment, write_csv, assert_names) -> None:
+    (images / "corrupt.png").write_bytes(b"this is not an image at all")
+    err = _load_error(_manifest_with(images, write_csv, "images/corrupt.png"), alignment)
+    assert_names(err, file="train.csv", row=2, field="image")
+    assert "not a readable image" in str(err)
+
+
+def test_zero_byte_image(images: Path, alignment, write_csv, assert_names) -> None:
+    (images / "empty.png").write_bytes(b"")
+    err = _load_error(_manifest_with(images, write_csv, "images/empty.png"), alignment)
+    assert_names(err, file="train.csv", row=2, field="image")
+    assert "0 bytes" in str(err)
+
+
+def test_truncated_image(images: Path, alignment, write_csv, assert_names) -> None:
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    (images / "cut.jpg").write_bytes(data[: len(data) // 2])
+    err = _load_error(_manifest_with(images, write_csv, "images/cut.jpg"), alignment)
+    assert_names(err, file="train.csv", row=2, field="image")
+    assert "not a readable image" in str(err)
+
+
+def test_decompression_bomb(images: Path, alignment, write_csv, make_image, assert_names) -> None:
+    make_image(images / "big.png", size=(100, 100))
+    err = _load_error(_manifest_with(images, write_csv, "images/big.png"), alignment, max_pixels=5_000)
+    assert_names(err, file="train.csv", row=2, field="image")
+    assert "10,000 pixels exceeds the limit of 5,000" in str(err)
+
+
+def test_label_outside_the_task_space(images: Path, alignment, write_csv, assert_names) -> None:
+    err = _load_error(_manifest_with(images, write_csv, "images/blue.png", label="maybe"), alignment)
+    assert_names(err, file="train.csv", row=2, field="label")
+    assert "'maybe'" in str(err) and "yes, no" in str(err)
+
+
+def test_empty_label(images: Path, alignment, write_csv, assert_names) -> None:
+    err = _load_error(_manifest_with(images, write_csv, "images/blue.png", label=" "), alignment)
+    assert_names(err, file="train.csv", row=2, field="label")
+    assert "label is empty" in str(err)
+
+
+def test_ordinal_label_out_of_range(images: Path, rating, write_csv, assert_names) -> None:
+    err = _load_error(_manifest_with(images, write_csv, "images/blue.png", label="7", good_label="3"), rating)
+    assert_names(err, file="train.csv", row=2, field="label")
+    assert "1 to 5" in str(err)
+
+
+def test_missing_column_in_csv_header(images: Path, alignment, write_csv, assert_names) -> None:
+    manifest = write_csv(images.parent / "train.csv", ["id", "image", "label"], [["a", "images/red.png", "yes"]])
+    err = _load_error(manifest, alignment)
+    assert_names(err, file="train.csv", row=0, field="prompt")
+    assert "column 'prompt' is missing" in str(err) and "id, image, label" in str(err)
+
+
+def test_missing_key_in_a_jsonl_row(images: Path, alignment, write_jsonl, assert_names) -> None:
+    rows = [{"image": "red.png", "prompt": "p", "label": "yes"}, {"image": "blue.png", "label": "no"}]
+    manifest = write_jsonl(images / "set.jsonl", rows)
+    err = _load_error(manifest, alignment)
+    assert_names(err, file="set.jsonl", row=2, field="prompt")
+    assert "missing" in str(err)
+
+
+def test_duplicate_ids(images: Path, alignment, write_csv, assert_names) -> None:
+    rows = [
+        ["a", "images/red.png", "p", "yes"],
+        ["b", "images/blue.png", "p", "no"],
+        ["a", "images/green.jpg", "p", "no"],
+    ]
+    manifest = write_csv(images.parent / "train.csv", ["id", "image", "prompt", "label"], rows)
+    err = _load_error(manifest, alignment)
+    assert_names(err, file="train.csv", row=3, field="id")
+    assert "duplicate id 'a' (first used in row 1)" in str(err)
+
+
+@pytest.mark.parametrize("path", ["../outside.png", "images/../../outside.png", "images/..\\..\\outside.png"])
+def test_path_with_dotdot_is_refused(images: Path, alignment, write_csv, make_image, assert_names, path: str) -> None:
+    make_image(images.parent.parent / "outside.png")
+    err = _load_error(_manifest_with(images, write_csv, path), alignment)
+    assert_names(err, file="train.csv", row=2, field="image")
+    assert "'..'" in str(err)
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "C:\\images\\x.png", "\\\\server\\share\\x.png"])
+def test_absolute_path_is_refused(images: Path, alignment, write_csv, assert_names, path: str) -> None:
+    err = _load_error(_manifest_with(images, write_csv, path), alignment)
+    assert_names(err, file="train.csv", row=2, field="image")
+    assert "absolute" in str(err)
+
+
+def test_symlink_resolving_outside_the_root_is_refused(
+    tmp_path: Path, images: Path, alignment, write_csv, make_image, assert_names
+) -> None:
+    secret = make_image(tmp_path / "elsewhere" / "secret.png")
+    (images / "link.png").symlink_to(secret)
+    (images / "linkdir").symlink_to(secret.parent, target_is_directory=True)
+    manifest = write_csv(
+        images.parent / "train.csv",
+        ["id", "image", "prompt", "label"],
+        [["a", "images/link.png", "p", "yes"], ["b", "images/linkdir/secret.png", "p", "no"]],
+    )
+    err = _load_error(manifest, alignment)
+    assert [(e.row, e.field) for e in err.errors] == [(1, "image"), (2, "image")]
+    assert_names(err.errors[1], file="train.csv", row=2, field="image")
+    assert "outside the image root" in str(err)
+
+
+def test_symlink_inside_the_root_is_fine(images: Path, alignment, write_csv) -> None:
+    (images / "alias.png").symlink_to(images / "red.png")
+    manifest = write_csv(images.parent / "t.csv", ["image", "prompt", "label"], [["images/alias.png", "p", "yes"]])
+    (example,) = load_manifest(manifest, alignment)
+    assert example.image_sha256 == hashlib.sha256((images / "red.png").read_bytes()).hexdigest()
+
+
+def test_empty_text_field(images: Path, alignment, write_csv, assert_names) -> None:
+    err = _load_error(_manifest_with(images, write_csv, "images/blue.png", prompt="   "), alignment)
+    assert_names(err, file="train.csv", row=2, field="prompt")
+    assert "text field 'prompt' is empty" in str(err)
+
+
+def test_empty_text_in_a_mapped_column_names_the_column(images: Path, alignment, write_jsonl, assert_names) -> None:
+    manifest = write_jsonl(images / "s.jsonl", [{"image": "red.png", "caption": None, "label": "yes"}])
+    err = _load_error(manifest, alignment, text_columns={"prompt": "caption"})
+    assert_names(err, file="s.jsonl", row=1, field="caption")
+
+
+def test_non_utf8_csv_names_the_cell(images: Path, alignment, assert_names) -> None:
+    manifest = images.parent / "latin1.csv"
+    text = "id,image,prompt,label\na,images/red.png,caf\xe9 au lait,yes\nb,images/blue.png,na\xefve,no\n"
+    manifest.write_bytes(text.encode("latin-1"))
+    err = _load_error(manifest, alignment)
+    assert_names(err, file="latin1.csv", row=1, field="prompt")
+    assert "not UTF-8 (byte 0xE9)" in str(err) and "2 problems" in str(err)
+
+
+def test_non_utf8_jsonl(images: Path, alignment, assert_names) -> None:
+    manifest = images / "bad.jsonl"
+    manifest.write_bytes(b'{"image": "red.png", "prompt": "caf\xe9", "label": "yes"}\n')
+    err = _load_error(manifest, alignment)
+    assert_names(err, file="bad.jsonl", row=1, field="prompt")
+    assert "not UTF-8" in str(err)
+
+
+def test_row_with_wrong_number_of_cells(images: Path, alignment, assert_names) -> None:
+    manifest = images.parent / "short.csv"
+    manifest.write_text("image,prompt,label\nimages/red.png,p,yes\nimages/blue.png,p\n", encoding="utf-8")
+    err = _load_error(manifest, alignment)
+    assert_names(err, file="short.csv", row=2, field=None)
+    assert "2 cells but the header has 3 columns" in str(err)
+
+
+def test_invalid_json_line(images: Path, alignment, assert_names) -> None:
+    manifest = images / "broken.jsonl"
+    manifest.write_text('{"image": "red.png", "prompt": "p", "label": "yes"}\n\n{"image": \n', encoding="utf-8")
+    err = _load_error(manifest, alignment)
+    assert_names(err, file="broken.jsonl", row=2, field=None)
+    assert "not valid JSON" in str(err)
+
+
+def test_duplicate_header_and_empty_file(images: Path, alignment, assert_names) -> None:
+    dup = images.parent / "dup.csv"
+    dup.write_text("image,prompt,image,label\n", encoding="utf-8")
+    assert_names(_load_error(dup, alignment), file="dup.csv", row=0, field="image")
+    empty = images.parent / "empty.csv"
+    empty.write_text("", encoding="utf-8")
+    assert "file is empty" in str(_load_error(empty, alignment))
+    header_only = images.parent / "header.csv"
+    header_only.write_text("image,prompt,label\n", encoding="utf-8")
+    assert "no data rows" in str(_load_error(header_only, alignment))
+
+
+def test_all_bad_rows_are_collected_in_one_error(images: Path, alignment, write_csv) -> None:
+    rows = [["images/red.png", "p", "yes"]] + [[f"images/missing{i}.png", "p", "yes"] for i in range(14)]
+    rows.append(["images/blue.png", "", "no"])
+    manifest = write_csv(images.parent / "many.csv", ["image", "prompt", "label"], rows)
+    err = _load_error(manifest, alignment)
+    assert len(err.errors) == 15
+    assert (err.file, err.row, err.field) == ("many.csv", 2, "image")  # the first problem
+    message = str(err)
+    assert message.startswith("15 problems in many.csv of 16 rows (showing the first 10):")
+    assert "many.csv, row 2, field 'image'" in message and "... and 5 more" in message
+    assert err.errors[-1].row == 16 and err.errors[-1].field == "prompt"
+
+
+def test_error_messages_never_show_absolute_paths(tmp_path: Path, images: Path, alignment, write_csv) -> None:
+    err = _load_error(_manifest_with(images, write_csv, "images/nope.png"), alignment)
+    assert str(tmp_path) not in str(err)
+    missing = tmp_path / "nowhere" / "x.csv"
+    with pytest.raises(FileNotFoundError) as info:
+        load_manifest(missing, alignment)
+    assert str(tmp_path) not in str(info.value)
+
+
+def test_unsupported_suffix_and_bad_column_arguments(images: Path, alignment, preference) -> None:
+    other = images.parent / "m.xlsx"
+    other.write_bytes(b"x")
+    with pytest.raises(ValueError, match="unsupported manifest type"):
+        load_manifest(other, alignment)
+    manifest = images.parent / "m.csv"
+    manifest.write_text("image,prompt,label\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="image fields"):
+        load_manifest(manifest, preference, image_column="image")
+    with pytest.raises(ValueError, match="not text fields"):
+        load_manifest(manifest, alignment, text_columns={"caption": "c"})
+
+
+def test_label_map_with_int_keys_maps_csv_strings(images: Path, alignment, write_csv) -> None:
+    manifest = write_csv(images.parent / "m.csv", ["image", "prompt", "label"], [["images/red.png", "p", "0"]])
+    (example,) = load_manifest(manifest, alignment, label_map={0: "no", 1: "yes"})
+    assert example.label == "no"
+    (example,) = load_manifest(manifest, alignment, label_map={"0": "yes"})
+    assert example.label == "yes"
+
+
+def test_an_explicitly_named_id_column_must_exist(images: Path, alignment, write_csv, assert_names) -> None:
+    manifest = write_csv(images.parent / "m.csv", ["image", "prompt", "label"], [["images/red.png", "p", "yes"]])
+    err = _load_error(manifest, alignment, id_column="uid")
+    assert_names(err, file="m.csv", row=0, field="uid")
+    assert [e.id for e in load_manifest(manifest, alignment, id_column=None)] == ["1"]
