@@ -169,7 +169,8 @@ class VerbalizationCache:
             return dspy.Prediction(description=cached, cached=True)
         description = compute()
         self.put(key, description, image_sha256=digest, instruction=instruction, model=lm_identity(lm)["model"])
-        return dspy.Prediction(description=description, cached=False)
+        stored = self.store.get(self.namespace, key)  # first writer wins: return what every caller will read
+        return dspy.Prediction(description=stored["description"] if stored else description, cached=False)
 
     def __len__(self) -> int:
         return self.store.count(self.namespace)

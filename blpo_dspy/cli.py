@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", type=Path, default=None, help="also write the evaluation as JSON")
     p.set_defaults(handler=_cmd_evaluate)
 
+    p = sub.add_parser("report", help="write report.md and report.html for a run directory")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(handler=_cmd_report)
+
     p = sub.add_parser("demo", help="offline demo: synthetic compliance task, seed vs BLPO on the local stack")
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
     p.add_argument("--quality", action="store_true", help="use the 1.5B model (slower, better)")
@@ -180,10 +184,30 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     )
     print(json.dumps(compiled.best_instructions_, indent=2, ensure_ascii=False))
     if splits.get("test"):
-        report = evaluate(compiled, splits["test"], num_threads=args.threads)
-        print(f"\nheld-out test split (n={report.n}):\n{report.table()}")
-        (args.run_dir / "test_evaluation.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        evaluations = args.run_dir / "evaluations"
+        evaluations.mkdir(exist_ok=True)
+        for name, candidate in (("seed", program), ("compiled", compiled)):
+            report = evaluate(candidate, splits["test"], num_threads=args.threads, seed=args.seed)
+            (evaluations / f"{name}.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+            print(f"\nheld-out test split, {name} program (n={report.n}):\n{report.table()}")
+    _write_report(args.run_dir)
     print(f"\nprogram: {args.run_dir / 'program.json'}")
+    return 0
+
+
+def _write_report(run_dir: Path) -> None:
+    from blpo_dspy.report import write_report
+
+    try:
+        paths = write_report(run_dir)
+    except ImportError as exc:
+        logger.warning("%s; writing the report without plots", exc)
+        paths = write_report(run_dir, plots=False)
+    print(f"report: {paths.md} and {paths.html}")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    _write_report(args.run_dir)
     return 0
 
 
@@ -234,7 +258,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from blpo_dspy.demo import run_demo
 
-    run_demo(run_dir=args.run_dir, quality=args.quality, n=args.n, seed=args.seed, resume=args.resume)
+    result = run_demo(run_dir=args.run_dir, quality=args.quality, n=args.n, seed=args.seed, resume=args.resume)
+    print(result.summary())
     return 0
 
 

@@ -33,11 +33,32 @@ def build_lm(spec: str, *, role: str, temperature: float = 0.0, max_tokens: int 
     if not spec:
         raise ValueError(f"empty LM spec for the {role}")
     if spec == "factsheet" or spec == LOCAL_PREFIX or spec.startswith(LOCAL_PREFIX + ":"):
-        from blpo_dspy.engines import local_role_lm
-
         model = spec.split(":", 1)[1] if ":" in spec else None
         return local_role_lm(role, model=model, rewrite=spec != "factsheet")
     kwargs: dict[str, Any] = {"temperature": temperature}
     if max_tokens is not None:
         kwargs["max_tokens"] = max_tokens
     return dspy.LM(spec, **kwargs)
+
+
+LOCAL_ALIASES = {"0.5b": "qwen2.5-coder-0.5b", "1.5b": "qwen2.5-coder-1.5b"}
+PROPOSER_MAX_TOKENS = 200
+
+
+def local_role_lm(role: str, *, model: str | None = None, rewrite: bool = True) -> dspy.LM:
+    """The embedded offline LM for one role (one model load shared by every role in the process).
+
+    Args:
+        role: ``"verbalizer"`` gets the fact-sheet verbalizer (OpenCV + OCR facts, rewritten by the local LM under
+            the I2T instruction unless ``rewrite`` is false); other roles get the local text LM.
+        model: ``"0.5b"`` (default), ``"1.5b"``, an embedded model name, or a GGUF path.
+        rewrite: For the verbalizer: have the local LM rewrite the fact sheet under the instruction.
+    """
+    from blpo_dspy.engines import factsheet_lm, local_lm
+
+    name = LOCAL_ALIASES.get(model or "", model)
+    if role == "verbalizer":
+        return factsheet_lm(local_lm(name) if rewrite else None, rewrite=rewrite)
+    if role == "proposer":
+        return local_lm(name, max_tokens=PROPOSER_MAX_TOKENS)
+    return local_lm(name)

@@ -15,7 +15,7 @@ from typing import Any
 import dspy
 
 from blpo_dspy.modules import ImageJudge
-from blpo_dspy.task import Task
+from blpo_dspy.task import JUDGE_SEES, Task
 
 PROGRAM_FORMAT = 1
 _DIAGNOSTICS = ("best_instructions_", "best_score_", "seed_score_", "metric_name_", "usage_", "stop_reason_")
@@ -69,16 +69,22 @@ def load_program(
     """
     path = Path(path)
     try:
-        state: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        state: Any = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path.name}: not valid JSON: {exc}") from exc
-    meta = state.get("blpo")
+    meta = state.get("blpo") if isinstance(state, dict) else None
     if not isinstance(meta, dict) or "task" not in meta:
         raise ValueError(f"{path.name}: key 'blpo.task' missing: not a program saved by blpo-dspy")
     task = Task.from_dict(meta["task"], source=f"{path.name}:blpo.task")
-    program = ImageJudge(
-        task, judge_sees=meta.get("judge_sees", "image"), verbalizer_lm=verbalizer_lm, judge_lm=judge_lm
-    )
+    judge_sees = meta.get("judge_sees", "image")
+    if judge_sees not in JUDGE_SEES:
+        raise ValueError(
+            f"{path.name}: key 'blpo.judge_sees': must be one of {', '.join(JUDGE_SEES)}, got {judge_sees!r}"
+        )
+    program = ImageJudge(task, judge_sees=judge_sees, verbalizer_lm=verbalizer_lm, judge_lm=judge_lm)
+    missing = [name for name, _ in program.named_predictors() if not isinstance(state.get(name), dict)]
+    if missing:
+        raise ValueError(f"{path.name}: key '{missing[0]}' missing: not a program state for task '{task.name}'")
     program.load_state({k: v for k, v in state.items() if k not in ("blpo", "metadata")})
     for name, value in meta.get("diagnostics", {}).items():
         setattr(program, name, value)

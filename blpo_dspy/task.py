@@ -219,7 +219,7 @@ class Task:
             data["scale"] = {"min": int(self.labels[0]), "max": int(self.labels[-1])}
         else:
             data["labels"] = list(self.labels)
-        if self.positive_label is not None and self.kind != "ordinal":
+        if self.positive_label is not None:
             data["positive_label"] = self.positive_label
         if self.aliases:
             data["aliases"] = {k: list(v) for k, v in self.aliases.items()}
@@ -302,6 +302,10 @@ class Task:
         table = self._lookup
         if text in table:
             return table[text]
+        # A multi-word label or alias inside the answer wins, longest first ("not aligned" beats "aligned").
+        for phrase in sorted((p for p in table if " " in p), key=len, reverse=True):
+            if re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", text):
+                return table[phrase]
         # "Yes, it is aligned" / "Answer: B" -> first or last token that is a known label.
         tokens = [t for t in re.split(r"[\s,;:()\[\]\"'*]+", text) if t]
         for candidate in (tokens[:1], tokens[-1:]):
@@ -451,8 +455,8 @@ def _parse_labels(data: Mapping[str, Any], kind: str, source: str) -> tuple[Labe
     labels = data.get("labels")
     if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels):
         raise TaskCardError(source, "labels", "must be a list of non-empty strings")
-    if len(set(labels)) != len(labels):
-        raise TaskCardError(source, "labels", "labels must be unique")
+    if len({_normalise(x) for x in labels}) != len(labels):
+        raise TaskCardError(source, "labels", "labels must be unique (ignoring case and surrounding punctuation)")
     if kind in ("binary", "pairwise") and len(labels) != 2:
         raise TaskCardError(source, "labels", f"{kind} tasks need exactly 2 labels, got {len(labels)}")
     if kind == "categorical" and len(labels) < 2:

@@ -399,6 +399,9 @@ class _Run:
         for key, value in self.opt.get_params().items():
             if key in ("proposer_lm", "verbalizer_lm"):
                 continue
+            if key in ("run_dir", "cache_path") and value is not None:
+                params[key] = Path(value).name  # never an absolute path of the user's machine
+                continue
             if isinstance(value, str | int | float | bool) or value is None:
                 params[key] = value
             elif isinstance(value, Path):
