@@ -76,6 +76,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", type=Path, default=None, help="also write the evaluation as JSON")
     p.set_defaults(handler=_cmd_evaluate)
 
+    p = sub.add_parser("compare", help="BLPO vs baselines vs DSPy built-ins on identical splits and seeds")
+    p.add_argument("task", help="built-in task name or path to a task card (.toml)")
+    _data_args(p)
+    p.add_argument("--optimizers", default="no-opt,blpo,fixed-i2t,judge-prompt-i2t,opro,mipro,copro,gepa")
+    p.add_argument("--seeds", default="3", help="a count (3) or a comma list (0,1,2)")
+    p.add_argument("--verbalizer-lm", required=True)
+    p.add_argument("--judge-lm", required=True)
+    p.add_argument("--proposer-lm", required=True)
+    p.add_argument("--judge-sees", choices=["image", "text", "both"], default="image")
+    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--max-calls", type=int, default=None)
+    p.add_argument("--outer-steps", type=int, default=5)
+    p.add_argument("--inner-steps", type=int, default=5)
+    p.add_argument("--error-batch-size", type=int, default=10)
+    p.add_argument("--retain-batch-size", type=int, default=10)
+    p.add_argument("--proposer-supports-images", choices=["auto", "yes", "no"], default="no")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--bootstrap-resamples", type=int, default=1000)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_cmd_compare)
+
     p = sub.add_parser("report", help="write report.md and report.html for a run directory")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(handler=_cmd_report)
@@ -204,6 +225,41 @@ def _write_report(run_dir: Path) -> None:
         logger.warning("%s; writing the report without plots", exc)
         paths = write_report(run_dir, plots=False)
     print(f"report: {paths.md} and {paths.html}")
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from blpo_dspy.compare import run_compare
+    from blpo_dspy.lm_specs import build_lm
+
+    task = _load_task(args.task)
+    examples = _load_examples(args, task)
+    seeds: int | list[int] = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else int(args.seeds)
+    supports = {"auto": None, "yes": True, "no": False}[args.proposer_supports_images]
+    result = run_compare(
+        task,
+        examples,
+        optimizers=[name.strip() for name in args.optimizers.split(",") if name.strip()],
+        seeds=seeds,
+        judge_sees=args.judge_sees,
+        verbalizer_lm=build_lm(args.verbalizer_lm, role="verbalizer"),
+        judge_lm=build_lm(args.judge_lm, role="judge"),
+        proposer_lm=build_lm(args.proposer_lm, role="proposer"),
+        out_dir=args.out_dir,
+        num_threads=args.threads,
+        max_calls=args.max_calls,
+        split_sizes=_parse_sizes(args.split_sizes),
+        split_seed=args.split_seed,
+        outer_steps=args.outer_steps,
+        inner_steps=args.inner_steps,
+        error_batch_size=args.error_batch_size,
+        retain_batch_size=args.retain_batch_size,
+        proposer_supports_images=supports,
+        n_resamples=args.bootstrap_resamples,
+        overwrite=args.overwrite,
+    )
+    print(result.markdown)
+    _write_report(args.out_dir)
+    return 1 if result.failed else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

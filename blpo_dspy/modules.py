@@ -9,6 +9,7 @@ attributes survive ``deepcopy`` and every built-in optimizer. Instructions are o
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -157,6 +158,16 @@ class ImageJudge(dspy.Module):
         self.judge_lm = judge_lm
         self.verbalizer = Verbalizer(self.task)
         self.judge = Judge(self.task, judge_sees)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ImageJudge:
+        """Deep-copy the program but share its LMs (copying an LM would copy its whole call history)."""
+        for lm in (self.__dict__.get("verbalizer_lm"), self.__dict__.get("judge_lm")):
+            if lm is not None:
+                memo.setdefault(id(lm), lm)
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     # ------------------------------------------------------------------ instructions
     @property

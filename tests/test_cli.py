@@ -62,34 +62,12 @@ def test_compile_evaluate_and_report(
     card.write_text(COUNTING_CARD, encoding="utf-8")
     manifest = _write_manifest(tmp_path, world)
     run_dir = tmp_path / "run"
-    rc = cli.main(
-        [
-            "compile",
-            str(card),
-            "--data",
-            str(manifest),
-            "--verbalizer-lm",
-            "scripted",
-            "--judge-lm",
-            "scripted",
-            "--proposer-lm",
-            "scripted",
-            "--judge-sees",
-            "text",
-            "--run-dir",
-            str(run_dir),
-            "--outer-steps",
-            "2",
-            "--inner-steps",
-            "3",
-            "--error-batch-size",
-            "5",
-            "--retain-batch-size",
-            "4",
-            "--threads",
-            "4",
-        ]
-    )
+    compile_args = [
+        "compile", str(card), "--data", str(manifest), "--verbalizer-lm", "scripted", "--judge-lm", "scripted",
+        "--proposer-lm", "scripted", "--judge-sees", "text", "--run-dir", str(run_dir), "--outer-steps", "2",
+        "--inner-steps", "3", "--error-batch-size", "5", "--retain-batch-size", "4", "--threads", "4",
+    ]  # fmt: skip
+    rc = cli.main(compile_args)
     out = capsys.readouterr().out
     assert rc == 0
     assert "count" in json.loads((run_dir / "state.json").read_text())["incumbent"]["verbalizer"].lower()
@@ -126,35 +104,7 @@ def test_compile_evaluate_and_report(
 
     # resuming a finished compile replays it without new LM calls
     calls = len(world.engine.calls)
-    rc = cli.main(
-        [
-            "compile",
-            str(card),
-            "--data",
-            str(manifest),
-            "--verbalizer-lm",
-            "scripted",
-            "--judge-lm",
-            "scripted",
-            "--proposer-lm",
-            "scripted",
-            "--judge-sees",
-            "text",
-            "--run-dir",
-            str(run_dir),
-            "--outer-steps",
-            "2",
-            "--inner-steps",
-            "3",
-            "--error-batch-size",
-            "5",
-            "--retain-batch-size",
-            "4",
-            "--threads",
-            "4",
-            "--resume",
-        ]
-    )
+    rc = cli.main([*compile_args, "--resume"])
     assert rc == 0
     new_calls = world.engine.calls[calls:]
     assert not [c for c in new_calls if c.role == "proposer"]  # the search itself was replayed from the journal

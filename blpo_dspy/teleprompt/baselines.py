@@ -1,0 +1,678 @@
+"""The BLPO paper's baselines as teleprompters with BLPO's budget knobs.
+
+- :class:`NoOptimization` — the seed program, unchanged.
+- :class:`FixedI2T` — BLPO with the inner loop off: the judge instruction is updated from errors verbalized under
+  the seed I2T instruction (judge-only APO over verbalizations; the paper's first ablation).
+- :class:`JudgePromptAsI2T` — BLPO where the current judge instruction is reused as the I2T instruction (the
+  paper's second ablation).
+- :class:`OPRO` — the proposer sees only the history of (judge instruction, train score) pairs: no error examples,
+  no images (Yang et al., "Large Language Models as Optimizers", 2023).
+- :class:`APOImage` — ProTeGi-style error-driven edits where the optimizer is shown the raw images of the judge's
+  errors with their gold and predicted labels (Pryzant et al., "Automatic Prompt Optimization with 'Gradient
+  Descent' and Beam Search", 2023). Needs a vision-capable proposer.
+
+Every ``compile(student, *, trainset, valset=None)`` returns a new program carrying ``usage_`` (LM calls, tokens
+and images per role, measured with :class:`~blpo_dspy.teleprompt.builtins.LMCallCounter`) and ``history_``.
+``max_calls`` is a hard cap (an int for the total or ``{"judge": n, "verbalizer": n, "proposer": n, "total": n}``):
+reaching it stops the search with the best validated program so far.
+
+OPRO and APO-image optimize the judge instruction p only; the I2T instruction stays the seed's (it matters only
+when the judge reads verbalizations). Each outer step proposes ``proposals_per_step`` instructions, scores each on
+the train split, and validates the step's best on the valset if it is not worse than the incumbent on train; the
+incumbent is replaced when the validation metric does not drop (as in BLPO's guarded selection).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import dspy
+from dspy.teleprompt import Teleprompter
+from dspy.utils.parallelizer import ParallelExecutor
+
+from blpo_dspy.budget import ROLES, TOTAL, BudgetExhaustedError, UsageLedger, normalise_caps
+from blpo_dspy.images import image_sha256
+from blpo_dspy.metrics import METRICS, corpus_scores, primary_metric
+from blpo_dspy.modules import Judge
+from blpo_dspy.task import Label, Task
+from blpo_dspy.teleprompt.blpo import BLPO, JudgeRecord
+from blpo_dspy.teleprompt.builtins import LMCallCounter, empty_usage
+from blpo_dspy.teleprompt.errors import BalancedSampler, BatchSampler
+from blpo_dspy.teleprompt.proposers import (
+    ErrorCase,
+    clean_instruction,
+    render_errors,
+    render_history,
+    render_tried,
+    task_description,
+)
+
+logger = logging.getLogger(__name__)
+
+CorpusMetric = Callable[[Task, Sequence[dspy.Example], Sequence[Label | None]], float]
+
+_RULES = """\
+Rules:
+- State general criteria. Never quote or refer to specific examples, images or prompts.
+- Do not add any output-format instructions (the answer format is fixed elsewhere); keep the task's label scale.
+- The new instruction must differ from every instruction already tried.
+Answer with the complete new instruction only."""
+
+OPRO_INSTRUCTIONS = f"""\
+You improve the instruction given to an AI judge that labels images. You see the task and the judge instructions
+tried so far, each with its score on a labelled training set (agreement with human labels, higher is better),
+sorted from lowest to highest score. Write a new judge instruction that should score higher than all of them.
+{_RULES}"""
+
+APO_IMAGE_INSTRUCTIONS = f"""\
+You improve the instruction given to an AI judge that labels images. You see the judge's current instruction and a
+batch of examples it got wrong: the attached images (in the order the errors are listed), the gold label given by
+humans, the judge's predicted label and the judge's rationale. Look at the images, diagnose what the judge
+systematically misses or misreads, then write an improved judge instruction.
+- Make minimal, targeted edits to the current instruction; keep what already works.
+{_RULES}"""
+
+
+class OPROProposal(dspy.Signature):
+    """OPRO meta-prompt (replaced by OPRO_INSTRUCTIONS)."""
+
+    task_description: str = dspy.InputField(desc="What the judge labels and the label scale.")
+    scored_instructions: str = dspy.InputField(desc="Judge instructions tried so far with their scores, lowest first.")
+    new_instruction: str = dspy.OutputField(desc="The new judge instruction.")
+
+
+class ImageErrorProposal(dspy.Signature):
+    """APO-image edit step (replaced by APO_IMAGE_INSTRUCTIONS)."""
+
+    task_description: str = dspy.InputField(desc="What the judge labels and the label scale.")
+    current_instruction: str = dspy.InputField(desc="The judge's current instruction.")
+    errors: str = dspy.InputField(desc="Examples the judge got wrong; 'attached image k' refers to error_images.")
+    error_images: list[dspy.Image] = dspy.InputField(desc="The images of the errors, in the order referenced.")
+    tried_instructions: str = dspy.InputField(desc="Judge instructions already tried (do not repeat them).")
+    new_instruction: str = dspy.OutputField(desc="The complete improved judge instruction.")
+
+
+OPROProposal = OPROProposal.with_instructions(OPRO_INSTRUCTIONS)
+ImageErrorProposal = ImageErrorProposal.with_instructions(APO_IMAGE_INSTRUCTIONS)
+
+
+# ---------------------------------------------------------------------------------------------- no optimization
+class NoOptimization(Teleprompter):
+    """The seed program, unchanged (the paper's "no optimization" row). Makes no LM call.
+
+    Args:
+        seed: Accepted for a uniform interface; unused.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+
+    def compile(
+        self,
+        student: dspy.Module,
+        *,
+        trainset: list[dspy.Example] | None = None,
+        teacher: dspy.Module | None = None,
+        valset: list[dspy.Example] | None = None,
+        **kwargs: Any,
+    ) -> dspy.Module:
+        """Return a copy of ``student`` with zero ``usage_`` and an empty ``history_``."""
+        program = student.deepcopy()
+        program.usage_ = empty_usage()
+        program.history_ = []
+        program.stop_reason_ = "no_optimization"
+        if hasattr(program, "instructions"):
+            program.best_instructions_ = dict(program.instructions)
+        program._compiled = True
+        return program
+
+
+# ---------------------------------------------------------------------------------------------- BLPO ablations
+class _BLPOAblation(BLPO):
+    """BLPO with a fixed ``i2t_policy``; adds the images sent per role (measured) to ``usage_``."""
+
+    POLICY = "optimize"
+
+    def __init__(self, metric: str | Callable[..., Any] = "primary", proposer_lm: dspy.LM | None = None, **kwargs: Any):
+        policy = kwargs.pop("i2t_policy", self.POLICY)
+        if policy != self.POLICY:
+            raise ValueError(f"{type(self).__name__} always uses i2t_policy={self.POLICY!r}, got {policy!r}")
+        super().__init__(metric, proposer_lm, i2t_policy=self.POLICY, **kwargs)
+
+    def compile(
+        self,
+        student: dspy.Module,
+        *,
+        trainset: list[dspy.Example],
+        teacher: dspy.Module | None = None,
+        valset: list[dspy.Example] | None = None,
+        **kwargs: Any,
+    ) -> dspy.Module:
+        """Compile like BLPO and record, per role, the image parts the LM calls carried (``usage_[role]["images"]``)."""
+        counter = LMCallCounter()
+        with counter.active():
+            program = super().compile(student, trainset=trainset, teacher=teacher, valset=valset, **kwargs)
+        for role in ROLES:
+            program.usage_.setdefault(role, {})["images"] = counter.images(role)
+        program.usage_.setdefault(TOTAL, {})["images"] = sum(counter.images(role) for role in ROLES)
+        return program
+
+
+class FixedI2T(_BLPOAblation):
+    """BLPO with the inner loop off: p is updated from errors verbalized under the seed I2T instruction.
+
+    The paper's "fixed I2T" ablation (judge-only APO over verbalizations). Takes BLPO's arguments except
+    ``i2t_policy`` (always ``"fixed"``; ``inner_steps`` is unused); ``selection`` defaults to ``"guarded"``.
+    """
+
+    POLICY = "fixed"
+
+
+class JudgePromptAsI2T(_BLPOAblation):
+    """BLPO where the current judge instruction serves as the I2T instruction (the paper's second ablation).
+
+    Takes BLPO's arguments except ``i2t_policy`` (always ``"judge_prompt"``).
+    """
+
+    POLICY = "judge_prompt"
+
+
+# ---------------------------------------------------------------------------------------------- vision check
+def lm_supports_images(lm: Any) -> bool | None:
+    """Whether an LM accepts image inputs, from what DSPy knows about it; ``None`` when unknown.
+
+    A custom engine may declare ``supports_vision`` (or ``supports_images``). For a model string, DSPy's bundled
+    model metadata (LiteLLM's catalogue) is read for the resolved route, then LiteLLM's ``supports_vision`` is
+    tried. No network call is made when ``LITELLM_LOCAL_MODEL_COST_MAP=True``.
+    """
+    engine = getattr(lm, "engine", None)
+    if engine is not None and not isinstance(engine, str):
+        for name in ("supports_vision", "supports_images"):
+            flag = getattr(engine, name, None)
+            if isinstance(flag, bool):
+                return flag
+        return None
+    model = getattr(lm, "model", None)
+    if not isinstance(model, str) or not model:
+        return None
+    from dspy.clients.model_metadata import model_info
+
+    value: Any = None
+    try:
+        from dspy.clients.capabilities import resolve
+
+        route = resolve(lm)
+        value = model_info(route.provider, route.model).get("supports_vision")
+    except Exception:  # unknown route: try the raw provider prefix
+        if "/" in model:
+            provider, name = model.split("/", 1)
+            try:
+                value = model_info(provider, name).get("supports_vision")
+            except Exception:
+                value = None
+    if value is None and "litellm" in sys.modules:
+        try:
+            value = sys.modules["litellm"].supports_vision(model=model)
+        except Exception:
+            value = None
+    return value if isinstance(value, bool) else None
+
+
+# ---------------------------------------------------------------------------------------------- the shared search
+def _resolve_metric(task: Task, metric: str | Callable[..., Any]) -> tuple[str, CorpusMetric]:
+    """A corpus metric from a name (``"primary"`` or a :data:`METRICS` key) or a per-example DSPy metric."""
+    if callable(metric):
+
+        def mean_metric(task: Task, examples: Sequence[dspy.Example], labels: Sequence[Label | None]) -> float:
+            values = [metric(e, dspy.Prediction(label=label), None) for e, label in zip(examples, labels, strict=True)]
+            return sum(float(getattr(v, "score", v)) for v in values) / len(values) if values else 0.0
+
+        return getattr(metric, "__name__", "custom"), mean_metric
+    name = primary_metric(task) if metric == "primary" else metric
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use 'primary', a callable, or one of {', '.join(METRICS)}")
+    METRICS[name].check(task)
+
+    def corpus(task: Task, examples: Sequence[dspy.Example], labels: Sequence[Label | None]) -> float:
+        gold = [example.label for example in examples]
+        value = corpus_scores(task, gold, list(labels), metrics=[name], ci=False)[name].value
+        return float(value) if value == value else 0.0  # an undefined metric (nan) scores 0
+
+    return name, corpus
+
+
+class _JudgeInstructionSearch(Teleprompter):
+    """Shared loop of :class:`OPRO` and :class:`APOImage` (judge instruction only; see the module docstring)."""
+
+    def __init__(
+        self,
+        metric: str | Callable[..., Any] = "primary",
+        proposer_lm: dspy.LM | None = None,
+        *,
+        outer_steps: int = 5,
+        proposals_per_step: int = 2,
+        num_threads: int = 8,
+        seed: int = 0,
+        max_calls: int | Mapping[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if proposer_lm is None:
+            raise ValueError(f"{type(self).__name__} needs a proposer_lm")
+        if not (isinstance(metric, str) or callable(metric)):
+            raise TypeError(f"metric must be a metric name or a callable, got {type(metric).__name__}")
+        for name, value, low in (("outer_steps", outer_steps, 0), ("proposals_per_step", proposals_per_step, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
+        normalise_caps(max_calls)
+        self.metric = metric
+        self.proposer_lm = proposer_lm
+        self.outer_steps = outer_steps
+        self.proposals_per_step = proposals_per_step
+        self.num_threads = num_threads
+        self.seed = seed
+        self.max_calls = max_calls
+
+    def compile(
+        self,
+        student: dspy.Module,
+        *,
+        trainset: list[dspy.Example],
+        teacher: dspy.Module | None = None,
+        valset: list[dspy.Example] | None = None,
+        **kwargs: Any,
+    ) -> dspy.Module:
+        """Search judge instructions; return a copy of ``student`` with the best one.
+
+        Args:
+            student: An ``ImageJudge`` (or a module with ``task``, ``verbalizer`` and ``judge`` like it).
+            trainset: The optimisation split (proposals are scored on it; errors are sampled from it).
+            teacher: Unused (must be ``None``).
+            valset: The split that decides acceptance; defaults to ``trainset`` (with a warning).
+
+        Returns:
+            The program with ``best_instructions_``, ``best_score_`` (validation), ``seed_score_``,
+            ``metric_name_``, ``history_``, ``usage_``, ``charged_calls_`` and ``stop_reason_``.
+        """
+        if teacher is not None:
+            raise ValueError(f"{type(self).__name__} does not use a teacher program")
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
+        for attr in ("task", "verbalizer", "judge"):
+            if not hasattr(student, attr):
+                raise TypeError(f"{type(self).__name__} compiles an ImageJudge-like program; no '{attr}' attribute")
+        if not trainset:
+            raise ValueError("trainset is empty")
+        if valset is None:
+            logger.warning("no valset given: selection uses the trainset (scores will be optimistic)")
+            valset = trainset
+        self._check_ready()
+        search = _Search(self, student, list(trainset), list(valset))
+        with search.counter.active():
+            return search.run()
+
+    # hooks
+    def _check_ready(self) -> None:
+        """Raise if the optimizer cannot run (e.g. a text-only proposer for APO-image)."""
+
+    def _propose(self, search: _Search, step: int, index: int) -> str | None:
+        raise NotImplementedError
+
+
+class _Search:
+    """State of one OPRO / APO-image compile: budgeted, memoized judge, verbalizer and proposer calls."""
+
+    def __init__(
+        self, opt: _JudgeInstructionSearch, student: dspy.Module, trainset: list[Any], valset: list[Any]
+    ) -> None:
+        self.opt = opt
+        self.student = student
+        self.task: Task = student.task
+        self.judge_sees: str = getattr(student, "judge_sees", "image")
+        self.trainset = trainset
+        self.valset = valset
+        self.judge_lm = getattr(student, "judge_lm", None) or dspy.settings.lm
+        self.verbalizer_lm = getattr(student, "verbalizer_lm", None) or dspy.settings.lm
+        if self.judge_lm is None:
+            raise ValueError("no LM for the judge: give the program a judge_lm or call dspy.configure(lm=...)")
+        if self.judge_sees != "image" and self.verbalizer_lm is None:
+            raise ValueError(
+                "no LM for the verbalizer: give the program a verbalizer_lm or call dspy.configure(lm=...)"
+            )
+        self.metric_name, self._metric = _resolve_metric(self.task, opt.metric)
+        self.q = student.verbalizer.instruction
+        self.ledger = UsageLedger(opt.max_calls)
+        self.counter = LMCallCounter()
+        self.history: list[dict[str, Any]] = []
+        self.scored: list[tuple[str, float]] = []  # (judge instruction, train score), every distinct proposal
+        self.incumbent = student.judge.instruction
+        self._lock = threading.Lock()
+        self._judges: dict[str, Judge] = {}
+        self._records: dict[tuple[str, int], JudgeRecord] = {}
+        self._descriptions: dict[tuple[str, str], str] = {}
+        self._verbalizer = dspy.Predict(self.task.verbalizer_signature(self.q))
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dspy.Module:
+        seed_p = self.incumbent
+        seed_score: float | None = None
+        best_val: float | None = None
+        inc_train: float | None = None
+        stop_reason = "outer_steps"
+        try:
+            inc_train = self.score(self.trainset, seed_p)
+            self.scored.append((seed_p, inc_train))
+            seed_score = best_val = self.score(self.valset, seed_p)
+            logger.info("%s seed: train %.4f, validation %.4f", type(self.opt).__name__, inc_train, seed_score)
+            for step in range(self.opt.outer_steps):
+                step_best: tuple[str, float, dict[str, Any]] | None = None
+                for index in range(self.opt.proposals_per_step):
+                    entry = self._new_entry(step, index)
+                    proposal = self.opt._propose(self, step, index)
+                    if proposal is None:
+                        entry["error"] = entry["error"] or "proposal failed"
+                        continue
+                    entry["instruction"] = proposal
+                    known = dict(self.scored)
+                    if proposal in known:
+                        entry.update(duplicate=True, train_score=known[proposal])
+                        continue
+                    train = self.score(self.trainset, proposal)
+                    self.scored.append((proposal, train))
+                    entry["train_score"] = train
+                    if step_best is None or train > step_best[1]:
+                        step_best = (proposal, train, entry)
+                if step_best is None or step_best[1] < inc_train:
+                    logger.info("step %d: no proposal matched the incumbent on train", step)
+                    continue
+                proposal, train, entry = step_best
+                val = self.score(self.valset, proposal)
+                entry["val_score"] = val
+                if best_val is None or val >= best_val:
+                    entry["accepted"] = True
+                    self.incumbent, inc_train, best_val = proposal, train, val
+                    logger.info("step %d: accepted (validation %.4f)", step, val)
+        except BudgetExhaustedError as exc:
+            stop_reason = "budget"
+            logger.warning("%s; stopping with the best validated program so far", exc)
+        except _NoErrorsLeftError:
+            stop_reason = "no_errors"
+        return self._finish(best_val, seed_score, stop_reason)
+
+    def _new_entry(self, step: int, index: int) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "outer_step": step,
+            "proposal": index,
+            "instruction": None,
+            "train_score": None,
+            "val_score": None,
+            "accepted": False,
+            "duplicate": False,
+            "images_shown": 0,
+            "error": None,
+        }
+        self.history.append(entry)
+        return entry
+
+    def _finish(self, score: float | None, seed_score: float | None, stop_reason: str) -> dspy.Module:
+        program = self.student.deepcopy()
+        program.judge.set_instruction(self.incumbent)
+        program.best_instructions_ = {"verbalizer": self.q, "judge": self.incumbent}
+        program.best_score_ = score
+        program.seed_score_ = seed_score
+        program.metric_name_ = self.metric_name
+        program.history_ = [dict(entry) for entry in self.history]
+        program.usage_ = self.counter.usage()
+        program.charged_calls_ = self.ledger.total_calls
+        program.stop_reason_ = stop_reason
+        program._compiled = True
+        logger.info(
+            "%s finished (%s): validation %s %s -> %s; LM calls %s",
+            type(self.opt).__name__,
+            stop_reason,
+            self.metric_name,
+            seed_score,
+            score,
+            {role: usage["calls"] for role, usage in program.usage_.items()},
+        )
+        return program
+
+    # ------------------------------------------------------------------ calls
+    def score(self, examples: Sequence[dspy.Example], p: str) -> float:
+        """The corpus metric of judge instruction ``p`` on ``examples``."""
+        return self._metric(self.task, examples, [r.label for r in self.records(examples, p)])
+
+    def records(self, examples: Sequence[dspy.Example], p: str) -> list[JudgeRecord]:
+        """Judge outcomes under ``p`` (memoized), in parallel; raises ``BudgetExhaustedError`` when the cap is hit."""
+        if not examples:
+            return []
+        executor = ParallelExecutor(
+            num_threads=min(self.opt.num_threads, len(examples)),
+            disable_progress_bar=True,
+            max_errors=len(examples) + 1,
+        )
+        results = executor.execute(lambda example: self._judge(example, p), list(examples))
+        if self.ledger.exhausted:
+            raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})")
+        return [r if isinstance(r, JudgeRecord) else JudgeRecord(label=None, error="internal error") for r in results]
+
+    def _judge(self, example: dspy.Example, p: str) -> JudgeRecord:
+        memo = (p, id(example))
+        with self._lock:
+            if memo in self._records:
+                return self._records[memo]
+        descriptions: dict[str, str] = {}
+        if self.judge_sees in ("text", "both"):
+            verbalized = self._describe(example)
+            if verbalized is None:
+                return JudgeRecord(label=None, error="budget", budget=True)
+            if isinstance(verbalized, str):
+                return JudgeRecord(label=None, error=verbalized)
+            descriptions = verbalized
+        if not self.ledger.acquire("judge"):
+            return JudgeRecord(label=None, error="budget", budget=True)
+        with self._lock:
+            judge = self._judges.setdefault(p, Judge(self.task, self.judge_sees, instruction=p))  # type: ignore[arg-type]
+        inputs = {name: example[name] for name in self.task.input_fields}
+        with dspy.context(lm=self.judge_lm):
+            result = judge(**inputs, **descriptions)
+        if result.label is None:
+            self.ledger.record_failure("judge")
+        record = JudgeRecord(result.label, result.raw_label, result.rationale, result.error, descriptions)
+        with self._lock:
+            self._records[memo] = record
+        return record
+
+    def _describe(self, example: dspy.Example) -> dict[str, str] | str | None:
+        """Verbalizations under the fixed q; ``None`` when the budget ran out, an error text on failure."""
+        out: dict[str, str] = {}
+        texts = {name: str(example.get(name, "")) for name in self.task.text_fields}
+        for image_field, desc_field in zip(self.task.image_fields, self.task.description_fields, strict=True):
+            image = example[image_field]
+            memo = (example.get(f"{image_field}_sha256") or image_sha256(image), repr(sorted(texts.items())))
+            with self._lock:
+                cached = self._descriptions.get(memo)
+            if cached is None:
+                if not self.ledger.acquire("verbalizer"):
+                    return None
+                try:
+                    with dspy.context(lm=self.verbalizer_lm):
+                        cached = self._verbalizer(image=image, **texts).description
+                except Exception as exc:
+                    self.ledger.record_failure("verbalizer")
+                    return f"verbalizer: {type(exc).__name__}: {exc}"[:500]
+                with self._lock:
+                    self._descriptions[memo] = cached
+            out[desc_field] = cached
+        return out
+
+    def propose(self, signature: type[dspy.Signature], **inputs: Any) -> str | None:
+        """One proposer call; ``None`` on failure; raises ``BudgetExhaustedError`` when the cap is hit."""
+        if not self.ledger.acquire("proposer"):
+            raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})")
+        began = time.perf_counter()
+        try:
+            with dspy.context(lm=self.opt.proposer_lm):
+                answer = dspy.Predict(signature)(**inputs).new_instruction
+        except Exception as exc:
+            self.ledger.record_failure("proposer")
+            logger.warning("%s proposal failed: %s", type(self.opt).__name__, exc)
+            return None
+        finally:
+            self.ledger.record_time("proposer", time.perf_counter() - began)
+        text = clean_instruction(answer)
+        if text is None:
+            self.ledger.record_failure("proposer")
+        return text
+
+
+class _NoErrorsLeftError(Exception):
+    """The incumbent makes no error on the train split: nothing left to learn from."""
+
+
+# ---------------------------------------------------------------------------------------------- OPRO
+class OPRO(_JudgeInstructionSearch):
+    """OPRO on the judge instruction: the proposer sees (instruction, train score) pairs only.
+
+    No error examples and no images reach the proposer. Each proposal is scored on the train split (the score the
+    proposer sees next); the step's best is validated and accepted if the validation metric does not drop.
+
+    Args:
+        metric: Corpus metric name (``"primary"``: the task's primary metric) or a per-example DSPy metric.
+        proposer_lm: The optimizer LM (text only).
+        outer_steps: Optimization steps.
+        proposals_per_step: Proposals per step (made one after another; each sees the scores of the previous).
+        num_threads: Parallel judge calls.
+        seed: Accepted for a uniform interface (OPRO's loop has no random choice of its own).
+        max_calls: Hard cap on LM calls (int total or per-role mapping).
+    """
+
+    def _propose(self, search: _Search, step: int, index: int) -> str | None:
+        return search.propose(
+            OPROProposal,
+            task_description=task_description(search.task),
+            scored_instructions=render_history(search.scored),
+        )
+
+
+# ---------------------------------------------------------------------------------------------- APO-image
+class APOImage(_JudgeInstructionSearch):
+    """ProTeGi-style APO where the optimizer sees the raw images of the judge's errors.
+
+    Each proposal samples an error batch from the train split (balanced over (gold, predicted) pairs, seeded) and
+    sends the error images (``dspy.Image`` inputs) with the gold and predicted labels and the judge's rationale to
+    the proposer, which edits the judge instruction. Images sent are counted in ``usage_["proposer"]["images"]``.
+
+    Args:
+        metric: Corpus metric name (``"primary"``: the task's primary metric) or a per-example DSPy metric.
+        proposer_lm: A vision-capable optimizer LM.
+        proposer_supports_images: Whether ``proposer_lm`` accepts images. ``None`` asks DSPy's model metadata
+            (:func:`lm_supports_images`) and refuses when it does not say yes.
+        outer_steps: Optimization steps.
+        proposals_per_step: Edits per step, each from its own error sample.
+        error_batch_size: Errors per edit.
+        max_images_per_call: Cap on images in one proposer call (models reason worse past ~5-10 images).
+        num_threads: Parallel judge calls.
+        seed: Seed of the error sampling.
+        max_calls: Hard cap on LM calls (int total or per-role mapping).
+        error_sampler: Policy for the error batch (default: balanced over (gold, predicted)).
+
+    Raises:
+        ValueError: The proposer is (or may be) text-only.
+    """
+
+    def __init__(
+        self,
+        metric: str | Callable[..., Any] = "primary",
+        proposer_lm: dspy.LM | None = None,
+        *,
+        proposer_supports_images: bool | None = None,
+        outer_steps: int = 5,
+        proposals_per_step: int = 2,
+        error_batch_size: int = 5,
+        max_images_per_call: int = 10,
+        num_threads: int = 8,
+        seed: int = 0,
+        max_calls: int | Mapping[str, int] | None = None,
+        error_sampler: BatchSampler | None = None,
+    ) -> None:
+        super().__init__(
+            metric,
+            proposer_lm,
+            outer_steps=outer_steps,
+            proposals_per_step=proposals_per_step,
+            num_threads=num_threads,
+            seed=seed,
+            max_calls=max_calls,
+        )
+        for name, value in (("error_batch_size", error_batch_size), ("max_images_per_call", max_images_per_call)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.proposer_supports_images = proposer_supports_images
+        self.error_batch_size = error_batch_size
+        self.max_images_per_call = max_images_per_call
+        self.error_sampler = error_sampler
+        self._check_ready()
+
+    def _check_ready(self) -> None:
+        supported = self.proposer_supports_images
+        model = getattr(self.proposer_lm, "model", type(self.proposer_lm).__name__)
+        if supported is False:
+            raise ValueError(
+                f"APOImage shows the raw error images to the proposer, but proposer_supports_images=False for "
+                f"{model!r}; use a vision-capable proposer LM, or OPRO / BLPO for a text-only one"
+            )
+        if supported is None and lm_supports_images(self.proposer_lm) is not True:
+            raise ValueError(
+                f"APOImage shows the raw error images to the proposer, and DSPy's model metadata does not say that "
+                f"{model!r} accepts images; pass proposer_supports_images=True if it does (or use OPRO / BLPO with "
+                "a text-only proposer)"
+            )
+
+    def _propose(self, search: _Search, step: int, index: int) -> str | None:
+        task = search.task
+        records = search.records(search.trainset, search.incumbent)
+        golds = [example.label for example in search.trainset]
+        wrong = [i for i, record in enumerate(records) if record.label != golds[i]]
+        if not wrong:
+            raise _NoErrorsLeftError
+        per_error = len(task.image_fields)
+        k = max(1, min(self.error_batch_size, self.max_images_per_call // per_error))
+        rng = random.Random(f"{self.seed}:{step}:{index}:apo-errors")
+        sampler = self.error_sampler or BalancedSampler()
+        chosen = sampler.sample(wrong, [(golds[i], records[i].label) for i in wrong], k, rng)
+        images: list[dspy.Image] = []
+        cases = []
+        for i in chosen:
+            example = search.trainset[i]
+            refs = {}
+            for image_field, desc_field in zip(task.image_fields, task.description_fields, strict=True):
+                images.append(example[image_field])
+                refs[desc_field] = f"attached image {len(images)}"
+            cases.append(
+                ErrorCase(
+                    text_fields={name: str(example.get(name, "")) for name in task.text_fields},
+                    descriptions=refs,
+                    gold=golds[i],
+                    predicted=records[i].label,
+                    rationale=records[i].rationale,
+                )
+            )
+        search.history[-1]["images_shown"] = len(images)
+        tried = [text for text, _ in search.scored]
+        return search.propose(
+            ImageErrorProposal,
+            task_description=task_description(task),
+            current_instruction=search.incumbent,
+            errors=render_errors(cases),
+            error_images=images,
+            tried_instructions=render_tried(tried),
+        )
