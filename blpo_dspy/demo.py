@@ -34,12 +34,12 @@ class DemoBudget:
         retain_batch_size: Retain-batch size (guarded selection).
     """
 
-    n_train: int = 12
-    n_val: int = 8
-    n_test: int = 16
+    n_train: int = 8
+    n_val: int = 6
+    n_test: int = 12
     outer_steps: int = 1
     inner_steps: int = 2
-    error_batch_size: int = 4
+    error_batch_size: int = 3
     retain_batch_size: int = 2
 
     @property
