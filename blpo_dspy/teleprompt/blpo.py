@@ -100,7 +100,8 @@ class BLPO(Teleprompter):
     and score q by the share of the error batch p' fixes (minus the retain examples it breaks, when guarded).
     ``selection="paper"`` takes the p' of the best q (Algorithm 1). ``selection="guarded"`` lets Optuna pick among
     the round's candidates and the incumbent on growing validation minibatches with pruning, and accepts a
-    candidate only if the corpus metric on the validation split does not drop.
+    candidate only if the corpus metric on the validation split does not drop (a tie is accepted only when the
+    candidate fixed a net positive share of its error batch).
 
     Args:
         metric: The human-agreement metric that decides selection: a corpus metric name from
@@ -858,8 +859,11 @@ class _Run:
             ((score, by_id[cid][1], cid) for cid, score in outcome.full_scores.items() if cid != INCUMBENT_ID),
             reverse=True,
         )
-        if ranked and ranked[0][0] >= reference:
-            score, _, cid = ranked[0]
+        # accept the best candidate if it does not lower the validation score; on a tie only if it fixed a net
+        # positive share of its error batch (otherwise a tie is noise and the incumbent stays)
+        acceptable = [item for item in ranked if item[0] > reference or (item[0] == reference and item[1] > 0)]
+        if acceptable:
+            score, _, cid = acceptable[0]
             chosen, _, record = by_id[cid]
             record["accepted"] = True
             self.rounds.append(
