@@ -145,7 +145,7 @@ def run_demo(
         seed: Seed of the data, the splits and BLPO.
         resume: Resume explicitly (an existing run directory is resumed anyway).
         budget: Split sizes and search budget.
-        num_threads: Parallel LM calls (the local engine serialises generation; 2 overlaps fact-sheet work).
+        num_threads: Parallel LM calls (llama.cpp has one slot, so generation queues; 2 overlaps fact-sheet work).
 
     Returns:
         The measurements (see ``DemoResult.summary``).

@@ -45,7 +45,6 @@ LOCAL_ALIASES = {"0.5b": "qwen2.5-coder-0.5b", "1.5b": "qwen2.5-coder-1.5b"}
 PROPOSER_MAX_TOKENS = 200
 JUDGE_MAX_TOKENS = 96
 RATIONALE_MAX_CHARS = 160  # small models ramble; a short rationale keeps a judge call to a few seconds on a CPU
-VERBALIZATION_MAX_CHARS = 360
 VERBALIZATION_MAX_TOKENS = 110
 
 
@@ -62,7 +61,7 @@ def local_role_lm(role: str, *, model: str | None = None, rewrite: bool = True) 
 
     name = LOCAL_ALIASES.get(model or "", model)
     if role == "verbalizer":
-        text_lm = local_lm(name, max_chars={"description": VERBALIZATION_MAX_CHARS}) if rewrite else None
+        text_lm = local_lm(name) if rewrite else None
         return factsheet_lm(text_lm, rewrite=rewrite, rewrite_max_tokens=VERBALIZATION_MAX_TOKENS)
     if role == "proposer":
         return local_lm(name, max_tokens=PROPOSER_MAX_TOKENS)

@@ -556,6 +556,8 @@ class FactSheetEngine:
         ocr: Read text in images with RapidOCR.
         output_field: The output field that receives the description.
         rewrite_max_tokens: Generation budget of a rewrite.
+        include_text_fields: Give the rewrite the request's text fields (e.g. the brief or the generation
+            prompt), labelled as context that does not describe the image. Small models tend to copy from it.
         cache: Fact-sheet cache (shared across engines if given).
     """
 
@@ -567,6 +569,7 @@ class FactSheetEngine:
         ocr: bool = True,
         output_field: str = "description",
         rewrite_max_tokens: int = DEFAULT_REWRITE_MAX_TOKENS,
+        include_text_fields: bool = True,
         cache: FactSheetCache | None = None,
     ) -> None:
         if rewrite and text_engine is None:
@@ -576,6 +579,7 @@ class FactSheetEngine:
         self.ocr = ocr
         self.output_field = output_field
         self.rewrite_max_tokens = rewrite_max_tokens
+        self.include_text_fields = include_text_fields
         self.cache = cache or FactSheetCache()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FactSheetEngine:
@@ -595,6 +599,7 @@ class FactSheetEngine:
             "ocr": self.ocr,
             "output_field": self.output_field,
             "rewrite_max_tokens": self.rewrite_max_tokens,
+            "include_text_fields": self.include_text_fields,
             "text_engine": dump() if callable(dump) else None,
         }
 
@@ -611,6 +616,7 @@ class FactSheetEngine:
             ocr=bool(state.get("ocr", True)),
             output_field=str(state.get("output_field", "description")),
             rewrite_max_tokens=int(state.get("rewrite_max_tokens", DEFAULT_REWRITE_MAX_TOKENS)),
+            include_text_fields=bool(state.get("include_text_fields", True)),
         )
 
     def fact_sheets(self, request: Request) -> list[FactSheet]:
@@ -655,6 +661,8 @@ class FactSheetEngine:
         sections = prompt_format.parse_sections(user_text)
         image_names = {name for name, value in sections.items() if not value}
         context = [f"{name}: {value}" for name, value in sections.items() if name not in image_names and value]
+        if not self.include_text_fields:
+            context = []
         prompt = ""
         if context:
             prompt += (

@@ -184,3 +184,16 @@ def test_remote_images_are_refused_with_a_clear_error() -> None:
     request = Request(model="factsheet/test", messages=(Message.user((ImagePart(url="https://example.org/a.png"),)),))
     with pytest.raises(UnsupportedFeatureError, match="cannot fetch"):
         engine.complete(request)
+
+
+def test_text_fields_can_be_left_out_of_the_rewrite() -> None:
+    task = Task.load("compliance")
+    spec = generate_specs(1, seed=17)[0]
+    text = ScriptedText()
+    engine = FactSheetEngine(text, ocr=False, include_text_fields=False)
+    with dspy.context(lm=dspy.LM("factsheet/test", engine=engine, cache=False)):
+        dspy.Predict(task.verbalizer_signature())(image=dspy.Image(render_banner(spec)), brief=spec.brief)
+    prompt = text.requests[0].messages[0].text or ""
+    assert spec.brief not in prompt and "Context given with the image" not in prompt
+    assert f"Background colour: {spec.background}." in prompt
+    assert FactSheetEngine.load_state(engine.dump_state()).include_text_fields is False
