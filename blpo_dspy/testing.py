@@ -362,3 +362,85 @@ def _counting_task() -> Any:
         },
         source="counting-world",
     )
+
+
+# ---------------------------------------------------------------------- fault injection
+FAULT_KINDS: tuple[str, ...] = ("timeout", "rate_limit", "server", "empty", "malformed")
+TRANSIENT_FAULTS: frozenset[str] = frozenset({"timeout", "rate_limit", "server"})
+
+
+class FaultInjectingEngine:
+    """Wraps an engine and injects the faults real LM APIs produce, at a seeded rate.
+
+    Transient faults (timeouts, 429 rate limits, 5xx server errors) are raised as ``dspy.lm15`` errors with a short
+    ``retry_after`` hint, so DSPy's own retry loop (``dspy.LM(num_retries=...)``) retries them with backoff;
+    permanent faults (empty and malformed answers) are returned as responses and end up as scored failures.
+
+    Args:
+        inner: The engine that answers when no fault is injected.
+        rate: Probability of a fault per request.
+        kinds: Fault kinds to draw from (see ``FAULT_KINDS``).
+        seed: Seed of the fault draws.
+        retry_after: Seconds DSPy is told to wait before retrying a transient fault.
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        rate: float = 0.2,
+        kinds: Sequence[str] = FAULT_KINDS,
+        seed: int = 0,
+        retry_after: float = 0.01,
+    ) -> None:
+        unknown = set(kinds) - set(FAULT_KINDS)
+        if unknown or not kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {FAULT_KINDS}, got {sorted(kinds)}")
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate must be in [0, 1], got {rate}")
+        import random
+
+        self.inner = inner
+        self.rate = rate
+        self.kinds = tuple(kinds)
+        self.retry_after = retry_after
+        self.injected: dict[str, int] = dict.fromkeys(FAULT_KINDS, 0)
+        self.requests = 0
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FaultInjectingEngine:
+        return self
+
+    def lm(self, model: str = "faulty", *, num_retries: int = 3) -> dspy.LM:
+        """A ``dspy.LM`` on this engine with DSPy's retries on."""
+        return dspy.LM(f"scripted/{model}", engine=self, cache=False, num_retries=num_retries)
+
+    def complete(self, request: Request) -> Response:
+        """Answer through the inner engine, or inject a fault."""
+        from dspy import lm15
+
+        with self._lock:
+            self.requests += 1
+            kind = self._rng.choice(self.kinds) if self._rng.random() < self.rate else None
+            if kind is not None:
+                self.injected[kind] += 1
+        if kind == "timeout":
+            raise lm15.TimeoutError("injected timeout", retry_after=self.retry_after)
+        if kind == "rate_limit":
+            raise lm15.RateLimitError("injected rate limit", status=429, retry_after=self.retry_after)
+        if kind == "server":
+            raise lm15.ServerError("injected server error", status=503, retry_after=self.retry_after)
+        if kind in ("empty", "malformed"):
+            text = "" if kind == "empty" else "{{{ not the requested format"
+            return Response(
+                id=None,
+                model=request.model,
+                message=Message.assistant(text),
+                finish_reason="stop",
+                usage=Usage(input_tokens=1, output_tokens=1),
+            )
+        return self.inner.complete(request)
+
+    def close(self) -> None:
+        """Nothing to release."""
