@@ -128,12 +128,12 @@ def check_image_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tup
     Raises:
         ImageFileError: Missing, unreadable, empty, corrupt, or too many pixels. The message names the file.
     """
-    name = path.name
-    if not path.exists():
-        raise ImageFileError(f"{name}: image file does not exist")
-    if not path.is_file():
-        raise ImageFileError(f"{name}: not a regular file")
+    name = path.name if len(path.name) <= 80 else path.name[:77] + "..."
     try:
+        if not path.exists():
+            raise ImageFileError(f"{name}: image file does not exist")
+        if not path.is_file():
+            raise ImageFileError(f"{name}: not a regular file")
         data = path.read_bytes()
     except OSError as exc:
         raise ImageFileError(f"{name}: cannot read image: {exc.strerror or exc}") from exc

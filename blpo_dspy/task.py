@@ -146,9 +146,14 @@ class Task:
         """
         if not isinstance(data, Mapping):
             raise TaskCardError(source, "<root>", "a task card must be a table")
+        for key in data:
+            if not isinstance(key, str):
+                raise TaskCardError(source, repr(key), "keys must be strings")
         unknown = sorted(set(data) - _ALLOWED_KEYS)
         if unknown:
-            raise TaskCardError(source, unknown[0], f"unknown key (allowed: {', '.join(sorted(_ALLOWED_KEYS))})")
+            raise TaskCardError(
+                source, unknown[0] or '""', f"unknown key (allowed: {', '.join(sorted(_ALLOWED_KEYS))})"
+            )
 
         name = _require_str(data, "name", source)
         if not _IDENTIFIER.match(name):
@@ -174,7 +179,7 @@ class Task:
         instructions = data.get("instructions")
         if not isinstance(instructions, Mapping):
             raise TaskCardError(source, "instructions", "missing table with 'judge' and 'verbalizer' strings")
-        bad = sorted(set(instructions) - {"judge", "verbalizer"})
+        bad = sorted((str(k) for k in set(instructions) - {"judge", "verbalizer"}), key=str)
         if bad:
             raise TaskCardError(source, f"instructions.{bad[0]}", "unknown key (allowed: judge, verbalizer)")
         judge = _require_str(instructions, "judge", source, prefix="instructions.")

@@ -147,6 +147,8 @@ class ImageChecker:
             raise DataError("image path is empty", file=file, row=row, field=column)
         if not isinstance(raw, str):
             raise DataError(f"image path must be a string, got {type(raw).__name__}", file=file, row=row, field=column)
+        if "\x00" in raw:
+            raise DataError("image path contains a NUL byte", file=file, row=row, field=column)
         known = self._by_raw.get(raw)
         if known is not None:  # the same path string in another row (e.g. pairs sharing an image)
             return known
