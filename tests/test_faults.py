@@ -29,10 +29,21 @@ def test_compile_completes_under_injected_faults(tmp_path: Path) -> None:
     assert transient > 0 and permanent > 0
     # every transient fault was retried by DSPy: the inner engine answered more than the faults alone would allow
     assert faulty.requests == len(world.engine.calls) + transient + permanent
-    failures = sum(compiled.usage_[role]["failures"] for role in ("verbalizer", "judge", "proposer"))
-    assert failures > 0  # permanent faults became scored failures, counted per role
-    assert compiled.best_score_ is not None and compiled.best_score_ >= compiled.seed_score_
+    # empty/malformed answers are either recovered by DSPy's adapter fallback or scored as failures; never a crash
+    assert compiled.best_score_ is not None and compiled.seed_score_ is not None
     assert compiled.stop_reason_ in ("outer_steps", "no_errors", "patience")
+
+
+def test_permanent_faults_are_scored_failures_and_counted() -> None:
+    world = CountingWorld()
+    broken = FaultInjectingEngine(world.engine, rate=1.0, kinds=("malformed",), seed=0)
+    program = ImageJudge(world.task, judge_sees="text", verbalizer_lm=world.lm, judge_lm=broken.lm())
+    compiled = BLPO(proposer_lm=world.lm, outer_steps=1, inner_steps=1, error_batch_size=4, num_threads=2).compile(
+        program, trainset=world.examples(8, seed=1), valset=world.examples(4, seed=2)
+    )
+    assert broken.injected["malformed"] > 0
+    assert compiled.usage_["judge"]["failures"] == compiled.usage_["judge"]["calls"] > 0
+    assert compiled.best_score_ is not None
 
 
 def test_fault_engine_validates_its_arguments() -> None:
