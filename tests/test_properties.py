@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from blpo_dspy.data import DataError, load_manifest
-from blpo_dspy.task import Task, TaskCardError
+from blpo_dspy.task import _ALLOWED_KEYS, Task, TaskCardError
 
 FIXTURE_SETTINGS = settings(
     max_examples=60,
@@ -35,20 +35,7 @@ FIXTURE_SETTINGS = settings(
 
 # ---------------------------------------------------------------------------------------------- task cards
 
-_CARD_KEYS = [
-    "name",
-    "description",
-    "kind",
-    "labels",
-    "scale",
-    "positive_label",
-    "images",
-    "aliases",
-    "text_inputs",
-    "instructions",
-    "categories",
-    "synthetic",
-]
+_CARD_KEYS = sorted(_ALLOWED_KEYS)  # the schema itself, not a copy of it
 _scalars = st.one_of(
     st.none(),
     st.booleans(),
