@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
-import itertools
+import threading
 from typing import Any
 
 import dspy
@@ -171,13 +172,21 @@ BUDGETS = {"mipro": 300, "copro": 300, "gepa": 300, "simba": 250, "bootstrap": 3
 
 
 def _alternating_judge() -> Any:
-    """A judge rule answering yes/no in turn, so SIMBA's rollouts of one example differ and it writes rules."""
-    turns = itertools.count()
+    """A judge rule answering yes/no in turn per example, so SIMBA's rollouts of one example differ and it writes rules.
+
+    The turn is counted per request text, not globally: under threads, a global counter can hand all the rollouts
+    of one example the same parity, and SIMBA then (rightly) skips rule generation.
+    """
+    turns: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
 
     def rule(call: ScriptedCall) -> Any:
         if call.role != "judge":
             return None
-        return {"rationale": "Alternating.", "label": "yes" if next(turns) % 2 else "no"}
+        with lock:
+            turn = turns[call.user_text]
+            turns[call.user_text] += 1
+        return {"rationale": "Alternating.", "label": "yes" if turn % 2 else "no"}
 
     return rule
 
