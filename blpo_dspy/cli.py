@@ -1,4 +1,4 @@
-"""The ``blpo`` command line: tasks, compile, evaluate, demo."""
+"""The ``blpo`` command line: tasks, synth, compile, evaluate, compare, report, demo."""
 
 from __future__ import annotations
 
@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the cards as JSON")
     p.set_defaults(handler=_cmd_tasks)
 
+    p = sub.add_parser("synth", help="write the SYNTHETIC compliance dataset (images + manifest.csv)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (images/, manifest.csv, specs.jsonl)")
+    p.add_argument("--n", type=int, default=60, help="number of banners (class-balanced)")
+    p.add_argument(
+        "--variant", choices=["binary", "ordinal"], default="binary", help="task card: compliance | compliance_ordinal"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_synth)
+
     p = sub.add_parser("compile", help="optimize a judge program with BLPO")
     p.add_argument("task", help="built-in task name or path to a task card (.toml)")
     _data_args(p)
@@ -55,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-sees", choices=["image", "text", "both"], default="image")
     p.add_argument("--run-dir", required=True, type=Path, help="run directory (state, study, cache, program)")
     p.add_argument("--resume", action="store_true", help="continue a killed compile in --run-dir")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="verbalization cache (SQLite) to share across runs (default: in --run-dir)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-calls", type=int, default=None, help="cap on the total number of LM calls")
     p.add_argument("--outer-steps", type=int, default=5)
@@ -133,6 +148,15 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from blpo_dspy.data.synthetic import make_compliance_dataset
+
+    manifest = make_compliance_dataset(args.out, args.n, variant=args.variant, seed=args.seed)
+    task = "compliance" if args.variant == "binary" else "compliance_ordinal"
+    print(f"SYNTHETIC compliance dataset ({args.n} banners, task card {task!r}): {manifest}")
+    return 0
+
+
 def _load_task(spec: str) -> Any:
     from blpo_dspy.task import Task
 
@@ -196,6 +220,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         max_calls=args.max_calls,
         run_dir=args.run_dir,
         resume=args.resume,
+        cache_path=args.cache,
         progress=True,
     )
     compiled = optimizer.compile(program, trainset=splits["train"], valset=splits["val"])
