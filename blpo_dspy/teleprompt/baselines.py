@@ -41,8 +41,9 @@ from blpo_dspy.images import image_sha256
 from blpo_dspy.metrics import METRICS, corpus_scores, primary_metric
 from blpo_dspy.modules import Judge
 from blpo_dspy.task import Label, Task
-from blpo_dspy.teleprompt.blpo import BLPO, JudgeRecord
+from blpo_dspy.teleprompt.blpo import BLPO
 from blpo_dspy.teleprompt.builtins import LMCallCounter, empty_usage
+from blpo_dspy.teleprompt.calls import JudgeRecord
 from blpo_dspy.teleprompt.errors import BalancedSampler, BatchSampler
 from blpo_dspy.teleprompt.proposers import (
     ErrorCase,

@@ -15,28 +15,24 @@ import os
 import platform
 import random
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import dspy
 from dspy.teleprompt import Teleprompter
-from dspy.utils.parallelizer import ParallelExecutor
 
 from blpo_dspy.budget import BudgetExhaustedError, UsageLedger, normalise_caps
 from blpo_dspy.cache import CallJournal, VerbalizationCache, content_key, lm_identity
-from blpo_dspy.images import image_sha256
-from blpo_dspy.modules import Judge
 from blpo_dspy.task import Label, Task
+from blpo_dspy.teleprompt.calls import Candidate, JudgeRecord, ProgramCalls, as_record
 from blpo_dspy.teleprompt.errors import BalancedSampler, BatchSampler
 from blpo_dspy.teleprompt.proposers import (
     ErrorCase,
     UpdateJudgeInstruction,
     UpdateVerbalizerInstruction,
-    clean_instruction,
     render_errors,
     render_history,
     render_tried,
@@ -55,40 +51,6 @@ CorpusMetric = Callable[[Task, Sequence[dspy.Example], Sequence[Label | None]], 
 
 class ResumeError(RuntimeError):
     """A run directory cannot be resumed (missing, or made with other data, task, seed or models)."""
-
-
-@dataclass(frozen=True)
-class JudgeRecord:
-    """One judge outcome.
-
-    Attributes:
-        label: Canonical label, or ``None`` (failed call or unparseable answer).
-        raw_label: The LM's label text.
-        rationale: The judge's rationale.
-        error: Why ``label`` is ``None``.
-        descriptions: Verbalizations the judge read (text/both modes).
-        budget: The call was not made because the budget ran out.
-    """
-
-    label: Label | None
-    raw_label: str | None = None
-    rationale: str = ""
-    error: str | None = None
-    descriptions: Mapping[str, str] = field(default_factory=dict)
-    budget: bool = False
-
-
-@dataclass
-class Candidate:
-    """A (q, p) pair."""
-
-    verbalizer: str
-    judge: str
-
-    @property
-    def id(self) -> str:
-        """Content id of the pair."""
-        return content_key(self.verbalizer, self.judge)[:12]
 
 
 class BLPO(Teleprompter):
@@ -126,7 +88,8 @@ class BLPO(Teleprompter):
         cache_path: SQLite file of the verbalization cache; defaults to ``run_dir/cache.sqlite``. Share one file
             between compiles to share verbalizations.
         n_rungs: Validation minibatch sizes per trial (doubling up to the whole split).
-        trials_per_round: Optuna asks per outer step (default: twice the number of candidates).
+        trials_per_round: Most candidates evaluated on the validation split per outer step (best inner scores first;
+            default: all of them).
         error_sampler: Policy for the error batch (default: balanced over (gold, predicted)).
         retain_sampler: Policy for the retain batch (default: balanced over gold labels).
         pruner: Optuna pruner factory ``(first_rung_size) -> pruner``; default successive halving.
@@ -288,40 +251,40 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class _Run:
-    """One compile: LMs, stores, ledger and the BLPO loop."""
+class _Run(ProgramCalls):
+    """One compile: the call layer (LMs, stores, ledger) and the BLPO loop."""
 
     def __init__(
         self, opt: BLPO, student: dspy.Module, trainset: list[dspy.Example], valset: list[dspy.Example], run_dir: Path
     ) -> None:
         self.opt = opt
         self.student = student
-        self.task: Task = student.task
-        self.judge_sees: str = getattr(student, "judge_sees", "image")
         self.trainset = trainset
         self.valset = valset
         self.run_dir = run_dir
         self.persistent = opt.run_dir is not None
-        self.judge_lm = getattr(student, "judge_lm", None) or dspy.settings.lm
-        self.verbalizer_lm = opt.verbalizer_lm or getattr(student, "verbalizer_lm", None) or dspy.settings.lm
-        self.proposer_lm = opt.proposer_lm
-        if self.judge_lm is None:
+        judge_lm = getattr(student, "judge_lm", None) or dspy.settings.lm
+        verbalizer_lm = opt.verbalizer_lm or getattr(student, "verbalizer_lm", None) or dspy.settings.lm
+        if judge_lm is None:
             raise ValueError("no LM for the judge: give the program a judge_lm or call dspy.configure(lm=...)")
-        if self.verbalizer_lm is None:
+        if verbalizer_lm is None:
             raise ValueError("no LM for the verbalizer: pass verbalizer_lm or call dspy.configure(lm=...)")
-        self.ledger = UsageLedger(opt.max_calls)
-        self.journal = CallJournal(run_dir / "cache.sqlite")
-        self.vcache = VerbalizationCache(Path(opt.cache_path) if opt.cache_path else run_dir / "cache.sqlite")
+        super().__init__(
+            task=student.task,
+            judge_sees=getattr(student, "judge_sees", "image"),
+            verbalizer_lm=verbalizer_lm,
+            judge_lm=judge_lm,
+            proposer_lm=opt.proposer_lm,
+            ledger=UsageLedger(opt.max_calls),
+            journal=CallJournal(run_dir / "cache.sqlite"),
+            vcache=VerbalizationCache(Path(opt.cache_path) if opt.cache_path else run_dir / "cache.sqlite"),
+            num_threads=opt.num_threads,
+        )
         self.error_sampler = opt.error_sampler or BalancedSampler()
         self.retain_sampler = opt.retain_sampler or BalancedSampler()
         self.history: list[dict[str, Any]] = []
         self.rounds: list[dict[str, Any]] = []
         self.studies: list[Any] = []
-        self._seen_journal_keys: set[str] = set()
-        self._key_locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
-        self._judges: dict[str, Judge] = {}
-        self._verbalizers: dict[str, dspy.Predict] = {}
         self._metric_fn = self._resolve_metric(opt.metric)
         self.started = time.time()
         self.replaying_from: int | None = None
@@ -356,7 +319,7 @@ class _Run:
         return corpus
 
     def _fingerprint(self, examples: Sequence[dspy.Example]) -> str:
-        return content_key([[self._example_key(e), str(e.label)] for e in examples])
+        return content_key([[self.example_key(e), str(e.label)] for e in examples])
 
     def _identity(self) -> dict[str, Any]:
         return {
@@ -431,183 +394,6 @@ class _Run:
             "elapsed_seconds": round(time.time() - self.started, 3),
         }
         _atomic_write_json(self.state_path, state)
-
-    # ------------------------------------------------------------------ keys and locks
-    def _example_key(self, example: dspy.Example) -> list[Any]:
-        shas = []
-        for name in self.task.image_fields:
-            stored = example.get(f"{name}_sha256") if hasattr(example, "get") else None
-            shas.append(stored or image_sha256(example[name]))
-        texts = [str(example.get(name, "")) for name in self.task.text_fields]
-        return [shas, texts]
-
-    @contextlib.contextmanager
-    def _single_flight(self, key: str) -> Iterator[None]:
-        with self._locks_guard:
-            lock = self._key_locks.setdefault(key, threading.Lock())
-        with lock:
-            yield
-
-    def _mark_seen(self, key: str) -> None:
-        with self._locks_guard:
-            self._seen_journal_keys.add(key)
-
-    def _charge_replay_or_hit(self, role: str, key: str, made_in_this_run: bool) -> bool:
-        """Account a stored result: replayed (earlier attempt of this run) or a plain cache hit."""
-        with self._locks_guard:
-            first = key not in self._seen_journal_keys
-            self._seen_journal_keys.add(key)
-        if made_in_this_run and first:
-            return self.ledger.acquire(role, replay=True)
-        self.ledger.record_hit(role)
-        return True
-
-    # ------------------------------------------------------------------ memoized LM calls
-    def verbalize(self, example: dspy.Example, q: str) -> dict[str, str] | Literal["budget"] | None:
-        """Verbalize every image of an example under q (cache first). ``None`` on failure."""
-        text = {name: str(example.get(name, "")) for name in self.task.text_fields}
-        out: dict[str, str] = {}
-        for image_field, desc_field in zip(self.task.image_fields, self.task.description_fields, strict=True):
-            image = example[image_field]
-            digest = example.get(f"{image_field}_sha256") or image_sha256(image)
-            key = VerbalizationCache.key(image_sha256=digest, instruction=q, lm=self.verbalizer_lm, text_fields=text)
-            with self._single_flight("v:" + key):
-                cached = self.vcache.get(key)
-                if cached is not None:
-                    made = self.journal.get("verbalization_made", key) is not None
-                    if not self._charge_replay_or_hit("verbalizer", key, made):
-                        return "budget"
-                    out[desc_field] = cached
-                    continue
-                if not self.ledger.acquire("verbalizer"):
-                    return "budget"
-                self._mark_seen(key)
-                predictor = self._verbalizer_for(q)
-                began = time.perf_counter()
-                try:
-                    with dspy.context(lm=self.verbalizer_lm), dspy.track_usage() as usage:
-                        description = predictor(image=image, **text).description
-                    self.ledger.record_tokens("verbalizer", usage.get_total_tokens())
-                except Exception as exc:
-                    self.ledger.record_failure("verbalizer")
-                    self.ledger.record_time("verbalizer", time.perf_counter() - began)
-                    logger.debug("verbalizer call failed: %s", exc)
-                    return None
-                self.ledger.record_time("verbalizer", time.perf_counter() - began)
-                if not isinstance(description, str) or not description.strip():
-                    self.ledger.record_failure("verbalizer")
-                    return None
-                self.journal.put("verbalization_made", key, {})
-                self.vcache.put(
-                    key, description, image_sha256=digest, instruction=q, model=lm_identity(self.verbalizer_lm)["model"]
-                )
-                out[desc_field] = description
-        return out
-
-    def judge(self, example: dspy.Example, p: str, descriptions: Mapping[str, str]) -> JudgeRecord:
-        """Judge one example under p (journal first); never raises."""
-        key = content_key(
-            "judge", p, self.judge_sees, self._example_key(example), dict(descriptions), lm_identity(self.judge_lm)
-        )
-        with self._single_flight("j:" + key):
-            stored = self.journal.get("judge", key)
-            if stored is not None:
-                if not self._charge_replay_or_hit("judge", key, True):
-                    return JudgeRecord(label=None, error="budget", budget=True)
-                label = self.task.parse_label(stored["raw_label"])
-                if label is None:
-                    self.ledger.record_failure("judge")
-                return JudgeRecord(
-                    label, stored["raw_label"], stored["rationale"], stored.get("error"), dict(descriptions)
-                )
-            if not self.ledger.acquire("judge"):
-                return JudgeRecord(label=None, error="budget", budget=True)
-            self._mark_seen(key)
-            judge = self._judge_for(p)
-            inputs = {name: example[name] for name in self.task.input_fields}
-            began = time.perf_counter()
-            with dspy.context(lm=self.judge_lm), dspy.track_usage() as usage:
-                result = judge(**inputs, **descriptions)
-            self.ledger.record_time("judge", time.perf_counter() - began)
-            self.ledger.record_tokens("judge", usage.get_total_tokens())
-            if result.label is None:
-                self.ledger.record_failure("judge")
-            if result.raw_label is not None:  # the call finished: journal it (failed calls are retried on resume)
-                self.journal.put(
-                    "judge", key, {"raw_label": result.raw_label, "rationale": result.rationale, "error": result.error}
-                )
-            return JudgeRecord(result.label, result.raw_label, result.rationale, result.error, dict(descriptions))
-
-    def predict(self, example: dspy.Example, candidate: Candidate) -> JudgeRecord:
-        """The program (q, p) on one example."""
-        descriptions: Mapping[str, str] = {}
-        if self.judge_sees in ("text", "both"):
-            verbalized = self.verbalize(example, candidate.verbalizer)
-            if verbalized == "budget":
-                return JudgeRecord(label=None, error="budget", budget=True)
-            if verbalized is None:
-                self.ledger.record_failure("judge")
-                return JudgeRecord(label=None, error="verbalizer failed")
-            descriptions = verbalized
-        return self.judge(example, candidate.judge, descriptions)
-
-    def parallel(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        """Run a batch in parallel (``num_threads``); raise ``BudgetExhaustedError`` if the budget ran out."""
-        if not items:
-            return []
-        executor = ParallelExecutor(
-            num_threads=min(self.opt.num_threads, len(items)), disable_progress_bar=True, max_errors=len(items) + 1
-        )
-        results = executor.execute(function, list(items))
-        if self.ledger.exhausted:
-            raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})")
-        return results
-
-    def predict_many(self, examples: Sequence[dspy.Example], candidate: Candidate) -> list[JudgeRecord]:
-        """The program (q, p) on many examples, in parallel."""
-        results = self.parallel(lambda example: self.predict(example, candidate), examples)
-        return [r if r is not None else JudgeRecord(label=None, error="internal error") for r in results]
-
-    def propose(self, kind: str, signature: type[dspy.Signature], **inputs: str) -> str | None:
-        """One proposer call (journal first). ``None`` on failure or an empty answer."""
-        key = content_key(kind, inputs, lm_identity(self.proposer_lm))
-        stored = self.journal.get("proposer", key)
-        if stored is not None:
-            if not self._charge_replay_or_hit("proposer", key, True):
-                raise BudgetExhaustedError("LM call budget reached (proposer)")
-            return stored["text"]
-        if not self.ledger.acquire("proposer"):
-            raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})")
-        self._mark_seen(key)
-        began = time.perf_counter()
-        try:
-            with dspy.context(lm=self.proposer_lm), dspy.track_usage() as usage:
-                answer = dspy.Predict(signature)(**inputs).new_instruction
-            self.ledger.record_tokens("proposer", usage.get_total_tokens())
-            self.ledger.record_time("proposer", time.perf_counter() - began)
-        except Exception as exc:
-            self.ledger.record_time("proposer", time.perf_counter() - began)
-            self.ledger.record_failure("proposer")
-            logger.warning("%s proposal failed: %s", kind, exc)
-            return None
-        text = clean_instruction(answer)
-        if text is None:
-            self.ledger.record_failure("proposer")
-            return None
-        self.journal.put("proposer", key, {"text": text})
-        return text
-
-    def _judge_for(self, p: str) -> Judge:
-        with self._locks_guard:
-            if p not in self._judges:
-                self._judges[p] = Judge(self.task, self.judge_sees, instruction=p)  # type: ignore[arg-type]
-            return self._judges[p]
-
-    def _verbalizer_for(self, q: str) -> dspy.Predict:
-        with self._locks_guard:
-            if q not in self._verbalizers:
-                self._verbalizers[q] = dspy.Predict(self.task.verbalizer_signature(q))
-            return self._verbalizers[q]
 
     # ------------------------------------------------------------------ scoring
     def corpus(self, examples: Sequence[dspy.Example], records: Sequence[JudgeRecord]) -> float:
@@ -836,11 +622,15 @@ class _Run:
         if not by_id:
             self.rounds.append({"outer_step": t, "accepted": None, "val_score": incumbent_score})
             return incumbent, float(incumbent_rungs[-1]), False
-        first = max(by_id.values(), key=lambda item: item[1])[0].id
+        ordered = sorted(by_id, key=lambda cid: -by_id[cid][1])  # best inner score first; ties keep proposal order
+        prefix_records: dict[str, list[JudgeRecord]] = {cid: [] for cid in by_id}
 
-        def score_prefix(cid: str, m: int) -> float:
-            records = self.predict_many(permuted[:m], by_id[cid][0])
-            return self.corpus(permuted[:m], records)
+        def score_rung(cids: Sequence[str], start: int, stop: int) -> dict[str, float]:
+            items = [(cid, example) for cid in cids for example in permuted[start:stop]]
+            results = self.parallel(lambda item: self.predict(item[1], by_id[item[0]][0]), items)
+            for (cid, _), result in zip(items, results, strict=True):
+                prefix_records[cid].append(as_record(result))
+            return {cid: self.corpus(permuted[:stop], prefix_records[cid]) for cid in cids}
 
         selector = OptunaSelector(
             storage=f"sqlite:///{self.run_dir / 'study.db'}" if self.persistent else None,
@@ -849,7 +639,7 @@ class _Run:
             pruner_factory=self.opt.pruner,
             trials_per_round=self.opt.trials_per_round,
         )
-        outcome, study = selector.select(t, list(by_id), first, incumbent_rungs, sizes, score_prefix)
+        outcome, study = selector.select(t, ordered, incumbent_rungs, sizes, score_rung)
         self.studies.append(study)
         for cid, (_, _, record) in by_id.items():
             record["pruned"] = cid in outcome.pruned

@@ -1,17 +1,19 @@
 """Optuna ask-and-tell selection among a round's candidates and the incumbent, with multi-fidelity pruning.
 
 Each outer round gets its own study (``<prefix>-round-<t>``) in the run's storage, with one categorical parameter:
-which candidate to evaluate. The incumbent enters as a finished trial with its scores at every rung, so the pruner
-compares every candidate against it. The candidate with the best inner score is enqueued first; a seeded
-``TPESampler`` then picks the rest. A trial evaluates its candidate on growing prefixes of a seeded permutation of
-the validation split (the rungs), reporting the corpus metric at each rung and stopping when the pruner says so.
+which candidate a trial evaluates. The incumbent enters as a finished trial with its scores at every rung, so the
+pruner compares every candidate against it. The round's candidates are enqueued best inner score first and asked
+together; the trials then climb the rungs (growing prefixes of a seeded permutation of the validation split) in
+step: at each rung every surviving candidate is scored in one parallel batch, reported, and the pruner
+(successive halving by default) stops the weak ones. Scoring all survivors of a rung at once keeps the LM threads
+busy and makes the pruning order, hence the round, deterministic.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,14 +58,12 @@ class TrialRecord:
         candidate: Candidate id evaluated.
         rung_scores: Corpus metric at each rung reached.
         pruned: Whether the pruner stopped it.
-        duplicate: The sampler picked an already-evaluated candidate (no LM calls made).
     """
 
     number: int
     candidate: str
     rung_scores: list[float]
     pruned: bool
-    duplicate: bool = False
 
 
 @dataclass
@@ -91,8 +91,7 @@ class OptunaSelector:
         study_prefix: Prefix of the per-round study names.
         seed: Base seed; round ``t`` uses ``seed * 1000 + t`` for its sampler.
         pruner_factory: Builds the pruner given the first rung size; defaults to successive halving (eta=2).
-        trials_per_round: Asks per round; defaults to twice the number of candidates (a round ends early once every
-            candidate was evaluated; picking an evaluated candidate again costs no LM call).
+        trials_per_round: Most candidates evaluated per round (the best inner scores); ``None`` evaluates them all.
     """
 
     def __init__(
@@ -123,21 +122,26 @@ class OptunaSelector:
         self,
         round_index: int,
         candidate_ids: Sequence[str],
-        first_pick: str | None,
         incumbent_rung_scores: Sequence[float],
         sizes: Sequence[int],
-        score_prefix: Callable[[str, int], float],
+        score_rung: Callable[[Sequence[str], int, int], Mapping[str, float]],
     ) -> tuple[SelectionOutcome, optuna.Study]:
-        """Run one round.
+        """Run one round: synchronous successive halving over the round's candidates.
+
+        Every candidate is enqueued (the round's search space is the finite candidate set, so there is nothing for a
+        sampler to guess) and asked at once; each rung evaluates all surviving candidates in one batch, reports
+        their scores, then asks the pruner about each in candidate order. The outcome is therefore deterministic for
+        a given order and scores, which a resumed run needs to replay the round from the journal.
 
         Args:
             round_index: Outer step index (names the study and seeds the sampler).
-            candidate_ids: Ids of the round's new candidates (the incumbent is added automatically).
-            first_pick: Candidate enqueued first (e.g. the best inner score), or ``None``.
+            candidate_ids: Ids of the round's new candidates, best first (the incumbent is added automatically);
+                at most ``trials_per_round`` of them are evaluated.
             incumbent_rung_scores: The incumbent's corpus metric at each rung size.
             sizes: Rung sizes (prefix lengths of the permuted validation split).
-            score_prefix: ``(candidate_id, m) -> corpus metric on the first m validation examples``; may raise
-                ``BudgetExhaustedError``, which marks the running trial failed and propagates.
+            score_rung: ``(candidate_ids, start, stop) -> {candidate_id: corpus metric on the first stop examples}``;
+                it only needs to run examples ``start:stop`` (earlier ones were scored at the previous rung). May
+                raise ``BudgetExhaustedError``, which marks the running trials failed and propagates.
 
         Returns:
             The outcome and the study.
@@ -153,11 +157,11 @@ class OptunaSelector:
             study_name=name,
             storage=self.storage,
             direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=self.seed * 1000 + round_index, n_startup_trials=3),
+            sampler=optuna.samplers.TPESampler(seed=self.seed * 1000 + round_index),
             pruner=self._pruner(sizes[0]),
         )
-        choices = [INCUMBENT_ID, *candidate_ids]
-        distribution = optuna.distributions.CategoricalDistribution(choices)
+        chosen = list(dict.fromkeys(candidate_ids))[: self.trials_per_round or None]
+        distribution = optuna.distributions.CategoricalDistribution([INCUMBENT_ID, *chosen])
         study.add_trial(
             optuna.trial.create_trial(
                 params={PARAM: INCUMBENT_ID},
@@ -170,52 +174,42 @@ class OptunaSelector:
         )
         outcome = SelectionOutcome(study_name=name)
         outcome.full_scores[INCUMBENT_ID] = incumbent_rung_scores[-1]
-        if first_pick is not None:
-            study.enqueue_trial({PARAM: first_pick})
-        evaluated: dict[str, TrialRecord] = {}
-        n_trials = self.trials_per_round or 2 * len(candidate_ids)
-        for _ in range(n_trials):
-            if all(cid in evaluated for cid in candidate_ids):
-                break
-            trial = study.ask({PARAM: distribution})
-            cid = trial.params[PARAM]
-            trial.set_user_attr("candidate", cid)
-            if cid == INCUMBENT_ID or cid in evaluated:
-                previous = evaluated.get(cid)
-                if previous is not None and previous.pruned:
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                else:
-                    study.tell(trial, outcome.full_scores[cid])
-                outcome.trials.append(
-                    TrialRecord(
-                        trial.number,
-                        cid,
-                        list(previous.rung_scores if previous else []),
-                        bool(previous and previous.pruned),
-                        duplicate=True,
-                    )
-                )
-                continue
-            record = TrialRecord(trial.number, cid, [], pruned=False)
-            try:
-                for size in sizes:
-                    value = score_prefix(cid, size)
-                    record.rung_scores.append(value)
+        for cid in chosen:
+            study.enqueue_trial({PARAM: cid}, user_attrs={"candidate": cid})
+        trials = [study.ask({PARAM: distribution}) for _ in chosen]
+        records = {trial.number: TrialRecord(trial.number, trial.params[PARAM], [], pruned=False) for trial in trials}
+        alive = list(trials)
+        start = 0
+        try:
+            for size in sizes:
+                scores = score_rung([trial.params[PARAM] for trial in alive], start, size)
+                for trial in alive:
+                    value = float(scores[trial.params[PARAM]])
+                    records[trial.number].rung_scores.append(value)
                     trial.report(value, step=size)
-                    if size != sizes[-1] and trial.should_prune():
-                        record.pruned = True
-                        break
-            except BaseException:
+                start = size
+                if size == sizes[-1]:
+                    break
+                survivors = []
+                for trial in alive:
+                    if trial.should_prune():
+                        records[trial.number].pruned = True
+                        outcome.pruned.add(trial.params[PARAM])
+                        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    else:
+                        survivors.append(trial)
+                alive = survivors
+                if not alive:
+                    break
+        except BaseException:
+            for trial in alive:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise
-            evaluated[cid] = record
-            outcome.trials.append(record)
-            if record.pruned:
-                outcome.pruned.add(cid)
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            else:
-                outcome.full_scores[cid] = record.rung_scores[-1]
-                study.tell(trial, record.rung_scores[-1])
+            raise
+        for trial in alive:
+            record = records[trial.number]
+            outcome.full_scores[record.candidate] = record.rung_scores[-1]
+            study.tell(trial, record.rung_scores[-1])
+        outcome.trials = [records[trial.number] for trial in trials]
         logger.info(
             "round %d selection: %d trials, %d candidates fully evaluated, %d pruned",
             round_index,
