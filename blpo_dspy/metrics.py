@@ -416,6 +416,20 @@ _DEFAULTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def corpus_value(task: Task, name: str, examples: Sequence[Any], labels: Sequence[Any | None]) -> float:
+    """One corpus metric (no interval) of predicted ``labels`` against the examples' human labels.
+
+    Args:
+        task: The judging task.
+        name: A metric name from :data:`METRICS`, or ``"primary"`` for the task's primary metric.
+        examples: Examples carrying the gold ``label``.
+        labels: Predicted labels (``None`` for a failed answer), aligned with ``examples``.
+    """
+    name = primary_metric(task) if name == "primary" else name
+    gold = [example.label for example in examples]
+    return float(corpus_scores(task, gold, list(labels), metrics=[name], ci=False)[name].value)
+
+
 def primary_metric(task: Task) -> str:
     """The metric that decides model selection and leads reports for a task.
 

@@ -97,6 +97,15 @@ class BLPO(Teleprompter):
             under the incumbent's I2T instruction, i.e. judge-only APO) or ``"judge_prompt"`` (the current judge
             instruction is reused as the I2T instruction). The last two are the paper's ablations.
         progress: Show tqdm progress bars per loop level.
+        study_storage: Optuna storage URL of the per-round studies; defaults to ``sqlite:///RUN_DIR/study.db``
+            (in memory without a ``run_dir``). Use a server database (``postgresql://...``) when selection workers
+            run on other machines. Never written to artifacts (it may hold credentials).
+        allow_workers: Let selection workers (``blpo worker`` / :class:`~blpo_dspy.teleprompt.workers.SelectionWorker`,
+            other processes sharing the run directory and the study storage) claim the validation trials of each
+            round. Trials then climb the rungs one at a time in whichever process claims them, so pruning depends on
+            timing and a resumed run may prune differently (no finished LM call is repeated either way). Needs a
+            named metric and a persistent storage.
+        worker_timeout: Seconds to wait for a trial a worker claimed before failing it and evaluating it here.
     """
 
     def __init__(
@@ -124,6 +133,9 @@ class BLPO(Teleprompter):
         pruner: Callable[[int], Any] | None = None,
         i2t_policy: I2TPolicy = "optimize",
         progress: bool = False,
+        study_storage: str | None = None,
+        allow_workers: bool = False,
+        worker_timeout: float = 300.0,
     ) -> None:
         super().__init__()
         if proposer_lm is None:
@@ -149,6 +161,12 @@ class BLPO(Teleprompter):
         if trials_per_round is not None and (not isinstance(trials_per_round, int) or trials_per_round < 1):
             raise ValueError(f"trials_per_round must be None or an int >= 1, got {trials_per_round!r}")
         normalise_caps(max_calls)
+        if allow_workers and callable(metric):
+            raise ValueError("allow_workers needs a named metric (workers in other processes score trials by name)")
+        if allow_workers and run_dir is None and study_storage is None:
+            raise ValueError("allow_workers needs a run_dir (workers share its journal and study storage)")
+        if isinstance(worker_timeout, bool) or not isinstance(worker_timeout, int | float) or worker_timeout <= 0:
+            raise ValueError(f"worker_timeout must be a positive number of seconds, got {worker_timeout!r}")
         if resume and run_dir is None:
             raise ValueError("resume=True needs the run_dir of the compile to resume")
         self.metric = metric
@@ -173,6 +191,9 @@ class BLPO(Teleprompter):
         self.pruner = pruner
         self.i2t_policy = i2t_policy
         self.progress = progress
+        self.study_storage = study_storage
+        self.allow_workers = allow_workers
+        self.worker_timeout = worker_timeout
 
     # ------------------------------------------------------------------ public
     def compile(
@@ -263,6 +284,7 @@ class _Run(ProgramCalls):
         self.valset = valset
         self.run_dir = run_dir
         self.persistent = opt.run_dir is not None
+        self.study_storage = opt.study_storage or (f"sqlite:///{run_dir / 'study.db'}" if self.persistent else None)
         judge_lm = getattr(student, "judge_lm", None) or dspy.settings.lm
         verbalizer_lm = opt.verbalizer_lm or getattr(student, "verbalizer_lm", None) or dspy.settings.lm
         if judge_lm is None:
@@ -306,14 +328,13 @@ class _Run(ProgramCalls):
 
             self.metric_name = getattr(metric, "__name__", "custom")
             return mean_metric
-        from blpo_dspy.metrics import corpus_scores, primary_metric
+        from blpo_dspy.metrics import corpus_value, primary_metric
 
         name = primary_metric(self.task) if metric == "primary" else metric
         self.metric_name = name
 
         def corpus(task: Task, examples: Sequence[dspy.Example], labels: Sequence[Label | None]) -> float:
-            gold = [example.label for example in examples]
-            return float(corpus_scores(task, gold, list(labels), metrics=[name], ci=False)[name].value)
+            return corpus_value(task, name, examples, labels)
 
         corpus(self.task, self.valset[:2], [None] * min(2, len(self.valset)))  # fail fast on an unknown name
         return corpus
@@ -365,6 +386,9 @@ class _Run(ProgramCalls):
                 continue
             if key in ("run_dir", "cache_path") and value is not None:
                 params[key] = Path(value).name  # never an absolute path of the user's machine
+                continue
+            if key == "study_storage" and value is not None:
+                params[key] = str(value).split(":", 1)[0] + ":..."  # a server URL may hold credentials
                 continue
             if isinstance(value, str | int | float | bool) or value is None:
                 params[key] = value
@@ -627,19 +651,28 @@ class _Run(ProgramCalls):
 
         def score_rung(cids: Sequence[str], start: int, stop: int) -> dict[str, float]:
             items = [(cid, example) for cid in cids for example in permuted[start:stop]]
-            results = self.parallel(lambda item: self.predict(item[1], by_id[item[0]][0]), items)
-            for (cid, _), result in zip(items, results, strict=True):
-                prefix_records[cid].append(as_record(result))
+            results = iter(self.parallel(lambda item: self.predict(item[1], by_id[item[0]][0]), items))
+            for cid in cids:
+                prefix_records[cid][start:] = [as_record(next(results)) for _ in range(start, stop)]
             return {cid: self.corpus(permuted[:stop], prefix_records[cid]) for cid in cids}
 
         selector = OptunaSelector(
-            storage=f"sqlite:///{self.run_dir / 'study.db'}" if self.persistent else None,
+            storage=self.study_storage,
             study_prefix="blpo",
             seed=self.opt.seed,
             pruner_factory=self.opt.pruner,
             trials_per_round=self.opt.trials_per_round,
+            shared=self.opt.allow_workers,
+            worker_timeout=self.opt.worker_timeout,
         )
-        outcome, study = selector.select(t, ordered, incumbent_rungs, sizes, score_rung)
+        round_info = {
+            "metric": self.metric_name,
+            "judge_sees": self.judge_sees,
+            "task": self.task.name,
+            "val_keys": [content_key(self.example_key(example), str(example.label)) for example in permuted],
+            "candidates": {cid: asdict(item[0]) for cid, item in by_id.items()},
+        }
+        outcome, study = selector.select(t, ordered, incumbent_rungs, sizes, score_rung, round_info)
         self.studies.append(study)
         for cid, (_, _, record) in by_id.items():
             record["pruned"] = cid in outcome.pruned

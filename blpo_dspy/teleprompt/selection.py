@@ -11,9 +11,12 @@ busy and makes the pruning order, hence the round, deterministic.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 PARAM = "candidate"
 INCUMBENT_ID = "incumbent"
+ROUND_ATTR = "blpo_round"  # study user attribute: what a selection worker needs to evaluate the round's trials
 
 
 def import_optuna() -> Any:
@@ -87,11 +91,18 @@ class OptunaSelector:
     """Ask-and-tell selection over candidates with growing validation minibatches.
 
     Args:
-        storage: Optuna storage URL (``sqlite:///RUN_DIR/study.db``) or ``None`` for in-memory.
+        storage: Optuna storage URL (``sqlite:///RUN_DIR/study.db``, or ``postgresql://...`` for workers on many
+            machines) or ``None`` for in-memory.
         study_prefix: Prefix of the per-round study names.
         seed: Base seed; round ``t`` uses ``seed * 1000 + t`` for its sampler.
         pruner_factory: Builds the pruner given the first rung size; defaults to successive halving (eta=2).
         trials_per_round: Most candidates evaluated per round (the best inner scores); ``None`` evaluates them all.
+        shared: Leave the round's trials in the study for selection workers (other processes, see
+            :mod:`blpo_dspy.teleprompt.workers`) to claim, claim them too, and decide once every trial finished.
+            Trials then climb the rungs one at a time, so pruning depends on who finishes first.
+        worker_timeout: In shared mode, seconds to wait for a trial a worker claimed before failing it and
+            evaluating its candidate here.
+        poll_interval: In shared mode, seconds between looks at the storage while workers finish.
     """
 
     def __init__(
@@ -101,18 +112,21 @@ class OptunaSelector:
         seed: int,
         pruner_factory: Callable[[int], optuna.pruners.BasePruner] | None = None,
         trials_per_round: int | None = None,
+        *,
+        shared: bool = False,
+        worker_timeout: float = 300.0,
+        poll_interval: float = 0.2,
     ) -> None:
+        if shared and storage is None:
+            raise ValueError("shared selection needs a persistent Optuna storage (workers reach the study through it)")
         self.storage = storage
         self.study_prefix = study_prefix
         self.seed = seed
         self.pruner_factory = pruner_factory
         self.trials_per_round = trials_per_round
-
-    def _pruner(self, first_rung: int) -> optuna.pruners.BasePruner:
-        optuna = import_optuna()
-        if self.pruner_factory is not None:
-            return self.pruner_factory(first_rung)
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=2)
+        self.shared = shared
+        self.worker_timeout = worker_timeout
+        self.poll_interval = poll_interval
 
     def study_name(self, round_index: int) -> str:
         """The study name of one round."""
@@ -125,13 +139,15 @@ class OptunaSelector:
         incumbent_rung_scores: Sequence[float],
         sizes: Sequence[int],
         score_rung: Callable[[Sequence[str], int, int], Mapping[str, float]],
+        round_info: Mapping[str, Any] | None = None,
     ) -> tuple[SelectionOutcome, optuna.Study]:
-        """Run one round: synchronous successive halving over the round's candidates.
+        """Run one round of successive halving over the round's candidates.
 
         Every candidate is enqueued (the round's search space is the finite candidate set, so there is nothing for a
-        sampler to guess) and asked at once; each rung evaluates all surviving candidates in one batch, reports
-        their scores, then asks the pruner about each in candidate order. The outcome is therefore deterministic for
-        a given order and scores, which a resumed run needs to replay the round from the journal.
+        sampler to guess). By default they are asked at once and climb the rungs in step: each rung evaluates all
+        surviving candidates in one batch, reports their scores, then asks the pruner about each in candidate order,
+        so the round is deterministic for a given order and scores, which a resumed run needs to replay it from the
+        journal. In shared mode the trials wait in the study for whoever claims them first.
 
         Args:
             round_index: Outer step index (names the study and seeds the sampler).
@@ -142,6 +158,8 @@ class OptunaSelector:
             score_rung: ``(candidate_ids, start, stop) -> {candidate_id: corpus metric on the first stop examples}``;
                 it only needs to run examples ``start:stop`` (earlier ones were scored at the previous rung). May
                 raise ``BudgetExhaustedError``, which marks the running trials failed and propagates.
+            round_info: JSON-safe facts a worker needs (stored as the study's ``blpo_round`` user attribute), with
+                ``candidates``: ``{candidate_id: {...}}`` whose entries become the trials' user attributes.
 
         Returns:
             The outcome and the study.
@@ -149,7 +167,7 @@ class OptunaSelector:
         optuna = import_optuna()
         name = self.study_name(round_index)
         if self.storage is not None:
-            try:  # a resumed run replays the round deterministically from the journal
+            try:  # a resumed run replays the round from the journal
                 optuna.delete_study(study_name=name, storage=self.storage)
             except KeyError:
                 pass
@@ -158,7 +176,7 @@ class OptunaSelector:
             storage=self.storage,
             direction="maximize",
             sampler=optuna.samplers.TPESampler(seed=self.seed * 1000 + round_index),
-            pruner=self._pruner(sizes[0]),
+            pruner=make_pruner(self.pruner_factory, sizes[0]),
         )
         chosen = list(dict.fromkeys(candidate_ids))[: self.trials_per_round or None]
         distribution = optuna.distributions.CategoricalDistribution([INCUMBENT_ID, *chosen])
@@ -172,29 +190,54 @@ class OptunaSelector:
                 user_attrs={"candidate": INCUMBENT_ID},
             )
         )
-        outcome = SelectionOutcome(study_name=name)
-        outcome.full_scores[INCUMBENT_ID] = incumbent_rung_scores[-1]
+        info = dict(round_info or {})
+        payloads = dict(info.pop("candidates", {}) or {})
+        if self.shared:
+            study.set_user_attr(ROUND_ATTR, {**info, "sizes": list(sizes), "open": True})
         for cid in chosen:
-            study.enqueue_trial({PARAM: cid}, user_attrs={"candidate": cid})
-        trials = [study.ask({PARAM: distribution}) for _ in chosen]
-        records = {trial.number: TrialRecord(trial.number, trial.params[PARAM], [], pruned=False) for trial in trials}
-        alive = list(trials)
+            study.enqueue_trial({PARAM: cid}, user_attrs={**payloads.get(cid, {}), "candidate": cid})
+        try:
+            if self.shared:
+                self._run_shared(study, chosen, sizes, score_rung)
+            else:
+                self._run_in_step(study, chosen, distribution, sizes, score_rung)
+        finally:
+            if self.shared:
+                study.set_user_attr(ROUND_ATTR, {**info, "sizes": list(sizes), "open": False})
+        outcome = outcome_of(study, sizes)
+        logger.info(
+            "round %d selection: %d trials, %d candidates fully evaluated, %d pruned",
+            round_index,
+            len(outcome.trials),
+            len(outcome.full_scores) - 1,
+            len(outcome.pruned),
+        )
+        return outcome, study
+
+    def _run_in_step(
+        self,
+        study: optuna.Study,
+        chosen: Sequence[str],
+        distribution: optuna.distributions.CategoricalDistribution,
+        sizes: Sequence[int],
+        score_rung: Callable[[Sequence[str], int, int], Mapping[str, float]],
+    ) -> None:
+        optuna = import_optuna()
+        alive = [study.ask({PARAM: distribution}) for _ in chosen]
+        last: dict[int, float] = {}
         start = 0
         try:
             for size in sizes:
                 scores = score_rung([trial.params[PARAM] for trial in alive], start, size)
                 for trial in alive:
-                    value = float(scores[trial.params[PARAM]])
-                    records[trial.number].rung_scores.append(value)
-                    trial.report(value, step=size)
+                    last[trial.number] = float(scores[trial.params[PARAM]])
+                    trial.report(last[trial.number], step=size)
                 start = size
                 if size == sizes[-1]:
                     break
                 survivors = []
                 for trial in alive:
                     if trial.should_prune():
-                        records[trial.number].pruned = True
-                        outcome.pruned.add(trial.params[PARAM])
                         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                     else:
                         survivors.append(trial)
@@ -206,15 +249,132 @@ class OptunaSelector:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
         for trial in alive:
-            record = records[trial.number]
-            outcome.full_scores[record.candidate] = record.rung_scores[-1]
-            study.tell(trial, record.rung_scores[-1])
-        outcome.trials = [records[trial.number] for trial in trials]
-        logger.info(
-            "round %d selection: %d trials, %d candidates fully evaluated, %d pruned",
-            round_index,
-            len(outcome.trials),
-            len(outcome.full_scores) - 1,
-            len(outcome.pruned),
-        )
-        return outcome, study
+            study.tell(trial, last[trial.number])
+
+    def _run_shared(
+        self,
+        study: optuna.Study,
+        chosen: Sequence[str],
+        sizes: Sequence[int],
+        score_rung: Callable[[Sequence[str], int, int], Mapping[str, float]],
+    ) -> None:
+        optuna = import_optuna()
+        waited_since = time.monotonic()
+        while True:
+            trial = claim_waiting_trial(study, worker="leader", storage_url=self.storage)
+            if trial is not None:
+                climb(study, trial, sizes, lambda cid, start, stop: score_rung([cid], start, stop)[cid])
+                waited_since = time.monotonic()
+                continue
+            running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if not running:
+                break
+            if time.monotonic() - waited_since > self.worker_timeout:
+                for stale in running:  # a worker died or stalled: take its candidate back
+                    logger.warning("selection trial %d timed out at its worker; evaluating it here", stale.number)
+                    study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+                    study.enqueue_trial({PARAM: stale.params[PARAM]}, user_attrs=dict(stale.user_attrs))
+                continue
+            time.sleep(self.poll_interval)
+
+
+def make_pruner(
+    factory: Callable[[int], optuna.pruners.BasePruner] | None, first_rung: int
+) -> optuna.pruners.BasePruner:
+    """The round's pruner: ``factory(first_rung)``, or successive halving from the first rung with eta=2."""
+    optuna = import_optuna()
+    if factory is not None:
+        return factory(first_rung)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=2)
+
+
+def claim_waiting_trial(study: optuna.Study, *, worker: str, storage_url: str | None = None) -> optuna.Trial | None:
+    """Claim one enqueued trial of a study, or ``None`` if none is waiting.
+
+    Unlike ``study.ask()``, this never creates a sampled trial when the queue is empty, so several processes can
+    drain one queue. The claim is a compare-and-set (WAITING -> RUNNING) in the storage; for SQLite, whose Python
+    driver does not hold a lock between the read and the write, claims are serialised with a lock file beside the
+    database. The claiming process is recorded in the ``worker`` user attribute.
+
+    Args:
+        study: The round's study.
+        worker: Name recorded on the claimed trial.
+        storage_url: The study's storage URL (selects the SQLite lock file).
+    """
+    optuna = import_optuna()
+    with _claim_lock(storage_url):
+        trials = study.get_trials(deepcopy=False)
+        choices = next((t.distributions[PARAM].choices for t in trials if PARAM in t.distributions), None)
+        for frozen in trials:
+            if frozen.state != optuna.trial.TrialState.WAITING:
+                continue
+            if study._storage.set_trial_state_values(frozen._trial_id, state=optuna.trial.TrialState.RUNNING):
+                trial = optuna.trial.Trial(study, frozen._trial_id)
+                if choices is not None:
+                    trial.suggest_categorical(PARAM, choices)  # an enqueued trial gets its fixed value
+                trial.set_user_attr("worker", worker)
+                return trial
+    return None
+
+
+@contextlib.contextmanager
+def _claim_lock(storage_url: str | None) -> Iterator[None]:
+    prefix = "sqlite:///"
+    if not storage_url or not storage_url.startswith(prefix):
+        yield  # in memory (one process) or a server database (row locks make the claim atomic)
+        return
+    with open(storage_url[len(prefix) :] + ".claim-lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def climb(
+    study: optuna.Study, trial: optuna.Trial, sizes: Sequence[int], score: Callable[[str, int, int], float]
+) -> None:
+    """Evaluate one claimed trial rung by rung, asking the pruner after each, and tell the study the outcome.
+
+    Args:
+        study: The round's study.
+        trial: A claimed trial (its ``candidate`` parameter names what to evaluate).
+        sizes: Rung sizes.
+        score: ``(candidate_id, start, stop) -> corpus metric on the first stop examples``.
+    """
+    optuna = import_optuna()
+    cid = trial.user_attrs["candidate"]
+    value = math.nan
+    start = 0
+    try:
+        for size in sizes:
+            value = float(score(cid, start, size))
+            trial.report(value, step=size)
+            start = size
+            if size != sizes[-1] and trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                return
+    except BaseException:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    study.tell(trial, value)
+
+
+def outcome_of(study: optuna.Study, sizes: Sequence[int]) -> SelectionOutcome:
+    """Read a finished round from its study: full scores of completed candidates, pruned ones, every trial."""
+    optuna = import_optuna()
+    outcome = SelectionOutcome(study_name=study.study_name)
+    for trial in study.get_trials(deepcopy=False):
+        cid = trial.user_attrs.get("candidate", trial.params.get(PARAM))
+        rungs = [trial.intermediate_values[size] for size in sizes if size in trial.intermediate_values]
+        if cid == INCUMBENT_ID:
+            outcome.full_scores[INCUMBENT_ID] = float(trial.value)
+            continue
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            outcome.full_scores[cid] = float(trial.value)
+        elif trial.state == optuna.trial.TrialState.PRUNED:
+            outcome.pruned.add(cid)
+        else:
+            continue
+        outcome.trials.append(TrialRecord(trial.number, cid, rungs, trial.state == optuna.trial.TrialState.PRUNED))
+    return outcome
