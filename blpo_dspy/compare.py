@@ -6,16 +6,24 @@ compiled program on the same held-out test split, and writes::
     out_dir/
       splits.json                      ids and fingerprints of the splits every optimizer used
       runs/<optimizer>/seed-<s>/
-        result.json                    held-out scores with 95% bootstrap CIs, LM calls/tokens/images per role,
-                                       wall time, final instructions, status ok/failed (+ error text)
+        result.json                    held-out scores with 95% bootstrap CIs and the confusion matrix, LM
+                                       calls/tokens/images per role, wall time, final instructions, status
+                                       ok/failed (+ error text)
         program.json                   the compiled program (ok runs)
         optimizer/                     BLPO-family run directory (state, study, cache)
       compare.json  compare.csv  compare.md   mean ± std over seeds per optimizer
 
+``result.json["test"]`` holds ``n``, ``primary``, ``confidence``, ``scores`` (``{metric: {value, low, high}}``),
+``parse_failure_rate``, ``error_count`` and ``confusion_matrix``: ``{labels, columns, counts}`` with rows the human
+labels in task order and columns the judge's labels plus ``"unparsed"`` (answers that did not parse and failed
+calls), ``counts[i][j]`` the number of test examples of label ``labels[i]`` answered ``columns[j]``.
+
 A failing optimizer is recorded as failed and the other runs go on. Every number in the tables is a mean or a
 sample standard deviation (ddof=1) over the ok runs' ``result.json`` values, so the tables can be recomputed
-from the run files. LM calls are counted by a DSPy callback during the compile (the test evaluation is counted
-separately, under ``evaluation_usage``); they include calls answered by DSPy's own cache, if the LMs use it.
+from the run files; ``blpo report`` (:func:`blpo_dspy.report.write_report`) recomputes them, and draws its plots,
+from the ``result.json`` files alone. LM calls are counted by a DSPy callback during the compile (the test
+evaluation is counted separately, under ``evaluation_usage``); they include calls answered by DSPy's own cache, if
+the LMs use it.
 
 Optimizer names (:data:`OPTIMIZER_NAMES`): ``no-opt``, ``blpo`` (guarded selection), ``blpo-paper`` (the paper's
 selection), ``fixed-i2t``, ``judge-prompt-i2t``, ``opro``, ``apo-image``, ``mipro``, ``copro``, ``gepa``,
@@ -501,6 +509,7 @@ def _run_one(
             "scores": {name: score.to_dict() for name, score in report.scores.items()},
             "parse_failure_rate": report.parse_failure_rate,
             "error_count": report.error_count,
+            "confusion_matrix": report.confusion.to_dict(),
         }
         result["status"] = "ok"
         _save_program(compiled, run_dir / "program.json")
@@ -591,12 +600,18 @@ def format_number(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def table_rows(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> list[list[str]]:
-    """The cells of the Markdown table (one list per optimizer), in column order (see :func:`table_header`)."""
+def table_rows(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], digits: int = 3) -> list[list[str]]:
+    """The cells of the Markdown table (one list per optimizer), in column order (see :func:`table_header`).
+
+    Args:
+        rows: Aggregate rows (see :func:`aggregate`).
+        metrics: Metric names, in column order.
+        digits: Decimal places of the scores.
+    """
     cells = []
     for row in rows:
         line = [row["optimizer"], f"{row['ok']}/{row['runs']}"]
-        line += [format_mean_std(row["metrics"][m]["mean"], row["metrics"][m]["std"]) for m in metrics]
+        line += [format_mean_std(row["metrics"][m]["mean"], row["metrics"][m]["std"], digits) for m in metrics]
         line += [
             format_number(row["calls"][TOTAL]),
             format_number(row["calls"]["judge"]),

@@ -6,13 +6,17 @@
 - ``program.json`` (the compiled program; its ``blpo`` key holds the final instructions and the diagnostics),
 - ``evaluations/seed.json`` and ``evaluations/compiled.json`` (``EvaluationReport.to_dict()`` of the seed and the
   compiled program on the held-out split),
-- ``compare.json`` (a comparison of optimizers; rendered generically as tables),
+- ``compare.json`` and ``runs/<optimizer>/seed-<s>/result.json`` (a comparison of optimizers written by
+  :func:`blpo_dspy.compare.run_compare`; any other ``compare.json`` is rendered generically as tables),
 
 any of which may be missing, and writes ``report.md``, ``report.html`` (inline CSS, plots embedded as base64 data
-URIs, no external asset or link) and the plots as PNG files. Every number is formatted once, into a
-:class:`ReportDocument`; :func:`render_markdown` and :func:`render_html` only lay that document out, so the Markdown
-and the HTML always show the same numbers. The output depends only on the input files (no timestamp, no absolute
-path), so the same run directory always gives byte-identical reports.
+URIs, no external asset or link) and the plots as PNG files. For a comparison, the table and the three plots
+(held-out primary metric per optimizer, quality vs LM calls, pooled confusion matrices) are computed from the
+per-run ``result.json`` files alone; ``compare.json`` only adds the settings and the optimizer order.
+
+Every number is formatted once, into a :class:`ReportDocument`; :func:`render_markdown` and :func:`render_html` only
+lay that document out, so the Markdown and the HTML always show the same numbers. The output depends only on the
+input files (no timestamp, no absolute path), so the same run directory always gives byte-identical reports.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import math
 import os
 import re
+import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -41,6 +46,11 @@ EVALUATIONS_DIR = "evaluations"
 EVALUATION_NAMES: tuple[str, ...] = ("seed", "compiled")
 HISTORY_PNG = "report_history.png"
 CONFUSION_PNG = "report_confusion_{name}.png"
+RESULTS_GLOB = "runs/*/seed-*/result.json"
+COMPARE_SCORES_PNG = "report_compare_scores.png"
+COMPARE_COST_PNG = "report_compare_cost.png"
+COMPARE_CONFUSION_PNG = "report_compare_confusion.png"
+COMPARE_PNGS: tuple[str, ...] = (COMPARE_SCORES_PNG, COMPARE_COST_PNG, COMPARE_CONFUSION_PNG)
 USAGE_ROLES: tuple[str, ...] = ("verbalizer", "judge", "proposer", "total")
 USAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("calls", "Calls"),
@@ -172,6 +182,8 @@ class RunData:
         program: The ``blpo`` part of ``program.json``, or ``None``.
         evaluations: ``"seed"`` / ``"compiled"`` -> ``EvaluationReport.to_dict()``, for the files present.
         compare: ``compare.json``, or ``None``.
+        results: The comparison's per-run ``result.json`` contents, ordered by optimizer (``compare.json``'s order,
+            then by name) and seed; empty when the directory holds no comparison runs.
         sources: Input files read, relative to the run directory.
     """
 
@@ -180,7 +192,13 @@ class RunData:
     program: dict[str, Any] | None = None
     evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
     compare: Any = None
+    results: list[dict[str, Any]] = field(default_factory=list)
     sources: tuple[str, ...] = ()
+
+    @property
+    def result_optimizers(self) -> list[str]:
+        """Optimizer names of the comparison runs, in table order."""
+        return list(dict.fromkeys(r["optimizer"] for r in self.results))
 
     @property
     def task(self) -> dict[str, Any] | None:
@@ -285,25 +303,81 @@ def _check_evaluation(data: Any, display: str) -> dict[str, Any]:
     _require(rate is None or isinstance(rate, int | float), display, "parse_failure_rate", f"bad rate {rate!r}")
     cm = data.get("confusion_matrix")
     if cm is not None:
-        _require(isinstance(cm, dict), display, "confusion_matrix", "expected an object with labels, columns, counts")
-        labels, columns, counts = cm.get("labels"), cm.get("columns"), cm.get("counts")
-        _require(isinstance(labels, list) and labels, display, "confusion_matrix.labels", "expected a list")
-        _require(isinstance(columns, list) and columns, display, "confusion_matrix.columns", "expected a list")
+        _check_confusion(cm, display, "confusion_matrix")
+    return data
+
+
+def _check_confusion(cm: Any, display: str, key: str) -> None:
+    _require(isinstance(cm, dict), display, key, "expected an object with labels, columns, counts")
+    labels, columns, counts = cm.get("labels"), cm.get("columns"), cm.get("counts")
+    _require(isinstance(labels, list) and labels, display, f"{key}.labels", "expected a list")
+    _require(isinstance(columns, list) and columns, display, f"{key}.columns", "expected a list")
+    _require(
+        isinstance(counts, list) and len(counts) == len(labels),
+        display,
+        f"{key}.counts",
+        f"expected {len(labels)} rows (one per label)",
+    )
+    for i, row in enumerate(counts):
         _require(
-            isinstance(counts, list) and len(counts) == len(labels),
+            isinstance(row, list)
+            and len(row) == len(columns)
+            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row),
             display,
-            "confusion_matrix.counts",
-            f"expected {len(labels)} rows (one per label)",
+            f"{key}.counts[{i}]",
+            f"expected {len(columns)} non-negative integers, got {row!r}",
         )
-        for i, row in enumerate(counts):
-            _require(
-                isinstance(row, list)
-                and len(row) == len(columns)
-                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row),
-                display,
-                f"confusion_matrix.counts[{i}]",
-                f"expected {len(columns)} non-negative integers, got {row!r}",
-            )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_result(data: Any, display: str) -> dict[str, Any]:
+    """Check the fields of a comparison run's ``result.json`` that the report reads."""
+    _require(isinstance(data, dict), display, "<root>", "expected an object (a compare run's result.json)")
+    _require(isinstance(data.get("optimizer"), str) and data["optimizer"], display, "optimizer", "expected a name")
+    seed = data.get("seed")
+    _require(isinstance(seed, int) and not isinstance(seed, bool), display, "seed", f"expected an int, got {seed!r}")
+    status = data.get("status")
+    _require(status in ("ok", "failed"), display, "status", f"expected 'ok' or 'failed', got {status!r}")
+    error = data.get("error")
+    _require(error is None or isinstance(error, str), display, "error", "expected text or null")
+    usage = data.get("usage")
+    if status == "ok" or usage is not None:
+        _require(isinstance(usage, dict), display, "usage", "expected an object of role -> counters")
+        for role in USAGE_ROLES:
+            counters = usage.get(role)
+            _require(isinstance(counters, dict), display, f"usage.{role}", "missing or not an object")
+            for key in ("calls", "prompt_tokens", "completion_tokens", "images"):
+                value = counters.get(key)
+                _require(_is_number(value) and value >= 0, display, f"usage.{role}.{key}", f"bad count {value!r}")
+    wall = data.get("wall_seconds")
+    _require(isinstance(wall, dict), display, "wall_seconds", "expected an object with compile, evaluate")
+    for key in ("compile", "evaluate"):
+        value = wall.get(key)
+        required = status == "ok" and key == "compile"  # the table's compile time is a mean over the ok runs
+        ok = (_is_number(value) and value >= 0) or (value is None and not required)
+        _require(ok, display, f"wall_seconds.{key}", f"bad duration {value!r}")
+    if status != "ok":
+        return data
+    test = data.get("test")
+    _require(isinstance(test, dict), display, "test", "expected the held-out evaluation of an ok run")
+    scores = test.get("scores")
+    _require(isinstance(scores, dict) and scores, display, "test.scores", "missing or not an object of metric -> score")
+    for name, score in scores.items():
+        _check_score(display, f"test.scores.{name}", score)
+    primary = test.get("primary")
+    _require(primary in scores, display, "test.primary", f"expected a metric of test.scores, got {primary!r}")
+    n = test.get("n")
+    _require(isinstance(n, int) and not isinstance(n, bool) and n >= 0, display, "test.n", f"bad count {n!r}")
+    rate = test.get("parse_failure_rate")
+    _require(rate is None or _is_number(rate), display, "test.parse_failure_rate", f"bad rate {rate!r}")
+    confidence = test.get("confidence", 0.95)
+    ok = _is_number(confidence) and 0 < confidence < 1
+    _require(ok, display, "test.confidence", f"expected a coverage in (0, 1), got {confidence!r}")
+    if test.get("confusion_matrix") is not None:
+        _check_confusion(test["confusion_matrix"], display, "test.confusion_matrix")
     return data
 
 
@@ -357,13 +431,52 @@ def load_run(run_dir: str | Path) -> RunData:
     if (run_dir / COMPARE_FILE).is_file():
         data.compare = _read_json(run_dir, COMPARE_FILE)
         sources.append(COMPARE_FILE)
+    data.results = _load_results(run_dir, data.compare)
+    if data.results:
+        sources.append(f"{RESULTS_GLOB} ({len(data.results)} files)")
     if not sources:
         raise FileNotFoundError(
             f"run directory '{run_dir.name}' holds none of {STATE_FILE}, {PROGRAM_FILE}, "
-            f"{EVALUATIONS_DIR}/{{seed,compiled}}.json, {COMPARE_FILE}: nothing to report"
+            f"{EVALUATIONS_DIR}/{{seed,compiled}}.json, {COMPARE_FILE}, {RESULTS_GLOB}: nothing to report"
         )
     data.sources = tuple(sources)
     return data
+
+
+def _load_results(run_dir: Path, compare: Any) -> list[dict[str, Any]]:
+    """The comparison runs' ``result.json`` files, checked, selected and ordered as ``compare.json`` lists them.
+
+    When ``compare.json`` names its ``optimizers`` and ``seeds``, only those runs are kept (a directory reused by a
+    later, smaller comparison keeps older runs on disk); optimizers it does not list come after, by name.
+    """
+    loaded: list[tuple[str, dict[str, Any]]] = []
+    for path in sorted(run_dir.glob(RESULTS_GLOB)):
+        relative = path.relative_to(run_dir).as_posix()
+        display = f"{run_dir.name}/{relative}"
+        loaded.append((display, _check_result(_read_json(run_dir, relative), display)))
+    order: list[str] = []
+    if isinstance(compare, Mapping):
+        names, seeds = compare.get("optimizers"), compare.get("seeds")
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            order = list(names)
+            loaded = [(d, r) for d, r in loaded if r["optimizer"] in order]
+        if isinstance(seeds, list) and all(isinstance(s, int) for s in seeds):
+            loaded = [(d, r) for d, r in loaded if r["seed"] in seeds]
+    rank = {name: i for i, name in enumerate(order)}
+    loaded.sort(key=lambda item: (rank.get(item[1]["optimizer"], len(rank)), item[1]["optimizer"], item[1]["seed"]))
+    reference: tuple[str, Any] | None = None
+    for display, result in loaded:  # pooled confusion matrices need the same rows and columns everywhere
+        cm = (result.get("test") or {}).get("confusion_matrix") if result["status"] == "ok" else None
+        if cm is None:
+            continue
+        if reference is None:
+            reference = (display, cm)
+        elif (cm["labels"], cm["columns"]) != (reference[1]["labels"], reference[1]["columns"]):
+            raise ReportError(
+                f"{display}: field 'test.confusion_matrix': labels/columns differ from {reference[0]} "
+                "(runs of one comparison judge the same task)"
+            )
+    return [result for _, result in loaded]
 
 
 # ---------------------------------------------------------------------------------------------------- numbers
@@ -472,6 +585,104 @@ def per_class_metrics(confusion: Mapping[str, Any]) -> list[ClassMetrics]:
             )
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- comparison
+def comparison_metrics(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Metric names of a comparison's ok runs: the primary metric first, then the others in ``result.json`` order.
+
+    Args:
+        results: ``result.json`` contents of the runs.
+
+    Returns:
+        The names (empty when no run is ok).
+    """
+    metrics: list[str] = []
+    primary = None
+    for result in results:
+        if result["status"] != "ok":
+            continue
+        primary = primary or result["test"]["primary"]
+        metrics += [name for name in result["test"]["scores"] if name not in metrics]
+    if primary is not None:
+        metrics.remove(primary)
+        metrics.insert(0, primary)
+    return metrics
+
+
+def _run_score(result: Mapping[str, Any], metric: str) -> tuple[float, float | None, float | None] | None:
+    """``(value, low, high)`` of one held-out score of an ok run, ``None`` when missing or not finite."""
+    if result["status"] != "ok":
+        return None
+    score = result["test"]["scores"].get(metric)
+    value = _finite(score.get("value")) if score else None
+    if value is None:
+        return None
+    return value, _finite(score.get("low")), _finite(score.get("high"))
+
+
+def pool_confusion(matrices: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The element-wise sum of confusion matrices (``ConfusionMatrix.to_dict()``) with the same labels and columns.
+
+    Args:
+        matrices: The matrices, e.g. one per seed of an optimizer.
+
+    Returns:
+        ``{"labels", "columns", "counts"}``, or ``None`` for no matrix.
+
+    Raises:
+        ValueError: The matrices have different labels or columns.
+    """
+    if not matrices:
+        return None
+    labels, columns = list(matrices[0]["labels"]), list(matrices[0]["columns"])
+    counts = [[0] * len(columns) for _ in labels]
+    for cm in matrices:
+        if list(cm["labels"]) != labels or list(cm["columns"]) != columns:
+            raise ValueError(f"confusion matrices differ: {cm['labels']}/{cm['columns']} vs {labels}/{columns}")
+        for i, row in enumerate(cm["counts"]):
+            for j, value in enumerate(row):
+                counts[i][j] += int(value)
+    return {"labels": labels, "columns": columns, "counts": counts}
+
+
+@dataclass(frozen=True)
+class _OptimizerRuns:
+    """The runs of one optimizer in a comparison."""
+
+    name: str
+    runs: tuple[dict[str, Any], ...]
+
+    @property
+    def ok(self) -> list[dict[str, Any]]:
+        return [r for r in self.runs if r["status"] == "ok"]
+
+    @property
+    def failed(self) -> int:
+        return len(self.runs) - len(self.ok)
+
+    @property
+    def pooled_confusion(self) -> tuple[dict[str, Any] | None, int]:
+        """The confusion matrix pooled over the ok runs that recorded one, and how many did."""
+        matrices = [r["test"]["confusion_matrix"] for r in self.ok if r["test"].get("confusion_matrix") is not None]
+        return pool_confusion(matrices), len(matrices)
+
+    @property
+    def tick(self) -> str:
+        """The optimizer's axis label (with its failed runs, if any)."""
+        return self.name if not self.failed else f"{self.name}\n({self.failed}/{len(self.runs)} failed)"
+
+    @property
+    def missing_reason(self) -> str:
+        """Why the optimizer has no score: all runs failed, or no ok run has the metric."""
+        return "failed" if not self.ok else "no score"
+
+
+def _by_optimizer(data: RunData) -> list[_OptimizerRuns]:
+    return [
+        _OptimizerRuns(name, tuple(r for r in data.results if r["optimizer"] == name))
+        for name in data.result_optimizers
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- sections
@@ -816,6 +1027,160 @@ def _compare_section(data: RunData, digits: int) -> Section | None:
     return Section("Comparison", tuple(blocks) or (Paragraph(f"{COMPARE_FILE} is empty."),))
 
 
+_COMPARE_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("task", "Task"),
+    ("judge_sees", "Judge sees"),
+    ("seeds", "Seeds"),
+    ("splits", "Split sizes"),
+    ("split_seed", "Split seed"),
+    ("max_calls", "LM-call budget per compile"),
+    ("outer_steps", "Outer steps"),
+    ("inner_steps", "Inner steps"),
+    ("models", "Models"),
+)
+
+
+def _setting_text(value: Any, digits: int) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ", ".join(_fmt_cell(v, digits) for v in value)
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {_fmt_cell(v, digits)}" for k, v in value.items())
+    return _fmt_cell(value, digits)
+
+
+def _first_line(text: Any, limit: int = 300) -> str:
+    if not isinstance(text, str) or not text.strip():
+        return _MISSING
+    return text.strip().splitlines()[0][:limit]
+
+
+def _comparison_sections(data: RunData, digits: int, images: Sequence[str]) -> list[Section]:
+    """The comparison table, failures, per-run scores and the comparison plots, all from the runs' result.json."""
+    from blpo_dspy.compare import aggregate, table_header, table_rows
+
+    results = data.results
+    groups = _by_optimizer(data)
+    metrics = comparison_metrics(results)
+    primary = metrics[0] if metrics else None
+    primary_title = _metric_title(primary) if primary else "primary metric"
+    compare = data.compare if isinstance(data.compare, Mapping) else {}
+    ci = _ci_header({str(i): r["test"] for i, r in enumerate(results) if r["status"] == "ok"})
+
+    blocks: list[Block] = []
+    settings = tuple((title, _setting_text(compare[key], digits)) for key, title in _COMPARE_SETTINGS if key in compare)
+    if settings:
+        blocks.append(KeyValues(settings))
+    blocks.append(
+        Paragraph(
+            f"Held-out test scores: mean ± sample standard deviation over each optimizer's ok seeds ({primary_title} "
+            "is the task's primary metric). LM calls, images, tokens and compile time are means over the ok seeds, "
+            f"measured during the compile (the test evaluation excluded). Computed from the {len(results)} files "
+            f"{RESULTS_GLOB}."
+        )
+    )
+    header = table_header(metrics)
+    cells = table_rows(aggregate(results, data.result_optimizers, metrics), metrics, digits)
+    blocks.append(Table(tuple(header), tuple(tuple(row) for row in cells), (False, *([True] * (len(header) - 1)))))
+    if COMPARE_SCORES_PNG in images:
+        blocks.append(
+            Plot(
+                COMPARE_SCORES_PNG,
+                f"Held-out {primary_title} per optimizer: mean ± sample std over seeds (diamond), each seed with its "
+                f"bootstrap {ci} (points); optimizers without a score are marked failed",
+            )
+        )
+    sections = [Section("Comparison", tuple(blocks))]
+
+    failures = [r for r in results if r["status"] != "ok"]
+    if failures:
+        rows = tuple((r["optimizer"], str(r["seed"]), _first_line(r.get("error"))) for r in failures)
+        sections.append(
+            Section(
+                "Failed runs",
+                (
+                    Paragraph("These runs raised; the comparison went on without them (details in error.txt)."),
+                    Table(("Optimizer", "Seed", "Error"), rows, (False, True, False)),
+                ),
+            )
+        )
+
+    run_rows = []
+    for r in results:
+        score = r["test"]["scores"].get(primary) if r["status"] == "ok" and primary else None
+        usage = r.get("usage") or {}
+        total = usage.get("total") or {}
+        tokens = (
+            total["prompt_tokens"] + total["completion_tokens"]
+            if _is_number(total.get("prompt_tokens")) and _is_number(total.get("completion_tokens"))
+            else None
+        )
+        run_rows.append(
+            (
+                r["optimizer"],
+                str(r["seed"]),
+                r["status"],
+                format_number(score.get("value"), digits) if score else _MISSING,
+                _fmt_interval(score, digits) if score else _MISSING,
+                _fmt_int(total.get("calls")),
+                _fmt_int(tokens),
+                format_number(r["wall_seconds"].get("compile"), 2),
+                format_number(r["test"].get("parse_failure_rate"), digits) if r["status"] == "ok" else _MISSING,
+            )
+        )
+    run_header = ("Optimizer", "Seed", "Status", f"{primary_title}", ci, "LM calls", "Tokens", "Compile time (s)")
+    run_header += ("Parse-failure rate",)
+    sections.append(
+        Section(
+            "Runs",
+            (
+                Paragraph(
+                    f"Every (optimizer, seed) run: held-out {primary_title} with its percentile-bootstrap interval, "
+                    "and the LM calls and tokens of the compile."
+                ),
+                Table(run_header, tuple(run_rows), (False, True, False, *([True] * 6))),
+            ),
+        )
+    )
+
+    if COMPARE_COST_PNG in images:
+        sections.append(
+            Section(
+                "Quality vs cost",
+                (
+                    Plot(
+                        COMPARE_COST_PNG,
+                        f"Held-out {primary_title} vs LM calls of the compile, one marker per run (vertical lines: "
+                        f"bootstrap {ci}); failed runs have no score",
+                    ),
+                ),
+            )
+        )
+
+    confusion_blocks: list[Block] = []
+    if COMPARE_CONFUSION_PNG in images:
+        confusion_blocks.append(
+            Plot(COMPARE_CONFUSION_PNG, "Held-out confusion matrices per optimizer, pooled over its ok seeds")
+        )
+    for group in groups:
+        pooled, seeds = group.pooled_confusion
+        if pooled is None:
+            reason = "failed" if not group.ok else "no confusion matrix in its result.json files"
+            confusion_blocks.append(Paragraph(f"{group.name}: {reason}."))
+            continue
+        confusion_blocks.append(
+            Paragraph(
+                f"{group.name}, pooled over {seeds} seed{'s' if seeds != 1 else ''} "
+                "(rows: human label, columns: judge label):"
+            )
+        )
+        confusion_blocks.append(_confusion_table(pooled))
+    if confusion_blocks:
+        sections.append(Section("Confusion matrices (pooled over seeds)", tuple(confusion_blocks)))
+    return sections
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -845,18 +1210,26 @@ def build_document(
         task_name = task.get("name") if task else None
         if task_name is None:
             task_name = next((e.get("task") for e in data.evaluations.values() if e.get("task")), None)
-        title = (
-            f"BLPO report: {task_name}"
-            if task_name
-            else ("BLPO comparison" if data.compare is not None else "BLPO report")
-        )
+        if data.results:
+            compare_task = data.compare.get("task") if isinstance(data.compare, Mapping) else None
+            task_name = compare_task if isinstance(compare_task, str) else data.results[0].get("task")
+            title = f"BLPO comparison: {task_name}" if isinstance(task_name, str) else "BLPO comparison"
+        else:
+            title = (
+                f"BLPO report: {task_name}"
+                if task_name
+                else ("BLPO comparison" if data.compare is not None else "BLPO report")
+            )
     sections: list[Section | None] = [_summary_section(data, digits)]
     if data.state is not None or data.program is not None or data.evaluations:
         sections += _evaluation_sections(data, digits, images)
         sections.append(_history_section(data, digits, images))
         sections.append(_instructions_section(data))
         sections.append(_usage_section(data))
-    sections.append(_compare_section(data, digits))
+    if data.results:
+        sections += _comparison_sections(data, digits, images)
+    else:
+        sections.append(_compare_section(data, digits))
     footer = f"Generated by blpo-dspy {_version()} from {', '.join(data.sources)}."
     document = ReportDocument(title=title, sections=tuple(s for s in sections if s is not None), footer=footer)
     return _scrub_paths(document, _home_scrubber())
@@ -903,13 +1276,10 @@ def _png(figure: Any, canvas_class: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _confusion_png(cm: Mapping[str, Any], title: str) -> bytes:
-    figure_class, canvas_class = _matplotlib()
+def _draw_confusion(ax: Any, cm: Mapping[str, Any], title: str) -> None:
     labels, columns, counts = cm["labels"], cm["columns"], cm["counts"]
-    fig = figure_class(figsize=(1.6 + 0.9 * len(columns), 1.4 + 0.7 * len(labels)), layout="constrained")
-    ax = fig.add_subplot()
-    ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(1, max(max(row) for row in counts)), aspect="auto")
     peak = max(1, max(max(row) for row in counts))
+    ax.imshow(counts, cmap="Blues", vmin=0, vmax=peak, aspect="auto")
     for i, row in enumerate(counts):
         for j, value in enumerate(row):
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
@@ -918,6 +1288,150 @@ def _confusion_png(cm: Mapping[str, Any], title: str) -> bytes:
     ax.set_xlabel("judge label")
     ax.set_ylabel("human label")
     ax.set_title(title)
+
+
+def _confusion_png(cm: Mapping[str, Any], title: str) -> bytes:
+    figure_class, canvas_class = _matplotlib()
+    labels, columns = cm["labels"], cm["columns"]
+    fig = figure_class(figsize=(1.6 + 0.9 * len(columns), 1.4 + 0.7 * len(labels)), layout="constrained")
+    _draw_confusion(fig.add_subplot(), cm, title)
+    return _png(fig, canvas_class)
+
+
+_MARKERS = "osD^vP*Xhp<>"
+
+
+def _compare_scores_png(groups: Sequence[_OptimizerRuns], primary: str | None) -> bytes:
+    """Held-out primary metric per optimizer: mean ± sample std over seeds, and each seed with its bootstrap CI."""
+    figure_class, canvas_class = _matplotlib()
+    title = _metric_title(primary) if primary else "primary metric"
+    fig = figure_class(figsize=(max(6.0, 1.3 * len(groups) + 2.5), 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    mean_label, seed_label = "mean ± sample std over seeds", "one seed (bootstrap CI)"
+    plotted = False
+    for x, group in enumerate(groups):
+        scores = [(r, s) for r in group.ok if primary and (s := _run_score(r, primary)) is not None]
+        if not scores:
+            ax.text(
+                x,
+                0.5,
+                group.missing_reason,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="center",
+                color="tab:red",
+                fontweight="bold",
+            )
+            continue
+        plotted = True
+        values = [s[0] for _, s in scores]
+        mean = statistics.fmean(values)
+        std = statistics.stdev(values) if len(values) >= 2 else None
+        ax.errorbar(
+            [x - 0.2],
+            [mean],
+            yerr=None if std is None else [[std], [std]],
+            fmt="D",
+            color="black",
+            markersize=7,
+            capsize=6,
+            label=mean_label,
+            zorder=3,
+        )
+        mean_label = "_nolegend_"
+        for k, (_, (value, low, high)) in enumerate(scores):
+            dx = 0.05 + (0.25 * k / (len(scores) - 1) if len(scores) > 1 else 0.125)
+            yerr = None if low is None or high is None else [[max(0.0, value - low)], [max(0.0, high - value)]]
+            ax.errorbar(
+                [x + dx],
+                [value],
+                yerr=yerr,
+                fmt="o",
+                color="tab:blue",
+                alpha=0.8,
+                markersize=5,
+                capsize=3,
+                elinewidth=1,
+                label=seed_label,
+                zorder=2,
+            )
+            seed_label = "_nolegend_"
+    ax.set_xticks(range(len(groups)), [g.tick for g in groups], rotation=20 if len(groups) > 4 else 0)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    if not plotted:
+        ax.set_ylim(0, 1)
+    ax.margins(y=0.12)
+    ax.set_ylabel(f"held-out {title}")
+    ax.set_title(f"Held-out {title} per optimizer")
+    ax.grid(True, axis="y", alpha=0.3)
+    if plotted:
+        ax.legend(loc="best", fontsize="small")
+    return _png(fig, canvas_class)
+
+
+def _compare_cost_png(groups: Sequence[_OptimizerRuns], primary: str | None) -> bytes:
+    """Held-out primary metric vs LM calls of the compile, one marker per ok run, one colour per optimizer."""
+    figure_class, canvas_class = _matplotlib()
+    title = _metric_title(primary) if primary else "primary metric"
+    fig = figure_class(figsize=(7.8, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    plotted = False
+    for i, group in enumerate(groups):
+        color, marker = f"C{i % 10}", _MARKERS[i % len(_MARKERS)]
+        points = [
+            (float(r["usage"]["total"]["calls"]), s) for r in group.ok if primary and (s := _run_score(r, primary))
+        ]
+        if not points:
+            ax.plot([], [], linestyle="none", marker="x", color="gray", label=f"{group.name} ({group.missing_reason})")
+            continue
+        plotted = True
+        for calls, (_, low, high) in points:
+            if low is not None and high is not None:
+                ax.vlines(calls, low, high, color=color, alpha=0.35, linewidth=1.5, zorder=1)
+        ax.plot(
+            [calls for calls, _ in points],
+            [s[0] for _, s in points],
+            linestyle="none",
+            marker=marker,
+            markersize=8,
+            color=color,
+            alpha=0.85,
+            label=group.name if not group.failed else f"{group.name} ({group.failed}/{len(group.runs)} failed)",
+            zorder=2,
+        )
+    if not plotted:
+        ax.set_ylim(0, 1)
+    ax.margins(x=0.08, y=0.12)
+    ax.set_xlabel("LM calls during the compile (verbalizer + judge + proposer)")
+    ax.set_ylabel(f"held-out {title}")
+    ax.set_title(f"Quality vs cost: held-out {title} and LM calls, one marker per run")
+    ax.grid(True, alpha=0.3)
+    if groups:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    return _png(fig, canvas_class)
+
+
+def _compare_confusion_png(groups: Sequence[_OptimizerRuns]) -> bytes:
+    """One confusion-matrix panel per optimizer, pooled over its ok seeds; failed optimizers get a "failed" panel."""
+    figure_class, canvas_class = _matplotlib()
+    ncols = max(1, min(3, len(groups)))
+    nrows = max(1, math.ceil(len(groups) / ncols))
+    fig = figure_class(figsize=(3.6 * ncols, 3.0 * nrows + 0.4), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(groups) :]:
+        ax.set_axis_off()
+    for ax, group in zip(flat, groups, strict=False):
+        pooled, seeds = group.pooled_confusion
+        if pooled is None:
+            reason = "failed" if not group.ok else "no confusion matrix\nin result.json"
+            ax.set_axis_off()
+            ax.set_title(group.name)
+            ax.text(0.5, 0.5, reason, transform=ax.transAxes, ha="center", va="center", color="tab:red")
+            continue
+        n = sum(sum(row) for row in pooled["counts"])
+        _draw_confusion(ax, pooled, f"{group.name}: {seeds} seed{'s' if seeds != 1 else ''}, n={n}")
+    fig.suptitle("Held-out confusion matrices, pooled over each optimizer's ok seeds")
     return _png(fig, canvas_class)
 
 
@@ -1006,12 +1520,20 @@ def render_plots(data: RunData) -> dict[str, bytes]:
 
     Returns:
         ``{file name: PNG bytes}``: one confusion matrix per evaluation and the optimisation history, for the inputs
-        present.
+        present; for a comparison, the primary metric per optimizer, quality vs LM calls and the pooled confusion
+        matrices (from the runs' ``result.json`` files).
 
     Raises:
         ImportError: matplotlib is not installed (it is in the ``report`` extra).
     """
     plots: dict[str, bytes] = {}
+    if data.results:
+        groups = _by_optimizer(data)
+        metrics = comparison_metrics(data.results)
+        primary = metrics[0] if metrics else None
+        plots[COMPARE_SCORES_PNG] = _compare_scores_png(groups, primary)
+        plots[COMPARE_COST_PNG] = _compare_cost_png(groups, primary)
+        plots[COMPARE_CONFUSION_PNG] = _compare_confusion_png(groups)
     for name, evaluation in data.evaluations.items():
         cm = evaluation.get("confusion_matrix")
         if cm is not None:
@@ -1162,12 +1684,18 @@ def write_report(run_dir: str | Path, *, title: str | None = None, plots: bool =
     The report shows, for the inputs present: a summary of the compile; the seed-vs-compiled table of every score
     with its confidence interval and the difference; the parse-failure rate and failed calls; per-class precision,
     recall and F1 and the confusion matrices; the optimisation history (plot and tables); the final instructions
-    beside the seed ones; LM usage per role; and ``compare.json`` as tables. Missing inputs leave their sections out
+    beside the seed ones; LM usage per role. For a comparison directory (written by
+    :func:`blpo_dspy.compare.run_compare`) it shows the table of mean ± sample std over seeds per optimizer, the
+    failed runs, every run's score with its CI, and three plots computed from ``runs/*/seed-*/result.json`` alone:
+    ``report_compare_scores.png`` (the primary metric per optimizer: mean ± std, each seed with its bootstrap CI,
+    optimizers without a score marked "failed"), ``report_compare_cost.png`` (primary metric vs LM calls of the
+    compile, one marker per run) and ``report_compare_confusion.png`` (confusion matrices pooled over each
+    optimizer's ok seeds). Any other ``compare.json`` is shown as tables. Missing inputs leave their sections out
     (or say what is missing). The output is deterministic and holds no absolute path.
 
     Args:
         run_dir: A run directory (``state.json``, ``program.json``, ``evaluations/*.json``) or a comparison directory
-            (``compare.json``).
+            (``compare.json``, ``runs/<optimizer>/seed-<s>/result.json``).
         title: The page title (default from the task name).
         plots: Render PNG plots (needs matplotlib); ``False`` writes the tables only.
         digits: Decimal places of scores.
@@ -1192,7 +1720,8 @@ def write_report(run_dir: str | Path, *, title: str | None = None, plots: bool =
         path = run_dir / name
         _atomic_write(path, images[name])
         written.append(path)
-    stale = {HISTORY_PNG, *(CONFUSION_PNG.format(name=n) for n in EVALUATION_NAMES)} - set(document.images)
+    stale = {HISTORY_PNG, *COMPARE_PNGS, *(CONFUSION_PNG.format(name=n) for n in EVALUATION_NAMES)}
+    stale -= set(document.images)
     for name in sorted(stale):
         if (run_dir / name).is_file():
             (run_dir / name).unlink()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import hashlib
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -11,12 +14,33 @@ from typing import Any
 import dspy
 import pytest
 from dspy.teleprompt import Teleprompter
+from PIL import Image as PILImage
 
-from blpo_dspy.compare import OPTIMIZER_NAMES, OptimizerContext, build_optimizer, run_compare
+from blpo_dspy.cli import main as cli_main
+from blpo_dspy.compare import (
+    OPTIMIZER_NAMES,
+    OptimizerContext,
+    build_optimizer,
+    format_mean_std,
+    format_number,
+    run_compare,
+)
+from blpo_dspy.data import load_manifest
+from blpo_dspy.data.synthetic import REQUIREMENTS, make_compliance_dataset
+from blpo_dspy.report import COMPARE_PNGS
+from blpo_dspy.report import format_number as report_number
+from blpo_dspy.task import Task
 from blpo_dspy.teleprompt import BLPO
 from blpo_dspy.teleprompt.baselines import OPRO, APOImage, FixedI2T, JudgePromptAsI2T, NoOptimization
 from blpo_dspy.teleprompt.builtins import BuiltinOptimizer
-from blpo_dspy.testing import NUMBER_RULE, PROPOSED_VERBALIZER_INSTRUCTIONS, CountingWorld
+from blpo_dspy.testing import (
+    NUMBER_RULE,
+    PROPOSED_VERBALIZER_INSTRUCTIONS,
+    Answer,
+    CountingWorld,
+    ScriptedCall,
+    ScriptedEngine,
+)
 
 KNOBS: dict[str, Any] = {"outer_steps": 2, "inner_steps": 3, "error_batch_size": 5, "retain_batch_size": 4}
 
@@ -276,3 +300,272 @@ def test_every_name_builds_its_optimizer(name: str, tmp_path: Path) -> None:
         assert optimizer.proposals_per_step == context.inner_steps + 1
     if name in ("blpo", "fixed-i2t", "opro"):
         assert optimizer.max_calls == {"judge": 100, "proposer": 20}
+
+
+# ---------------------------------------------------------------------------------------------- compliance task
+# requirement -> (the word an instruction must contain to look at it, the fact a verbalizer told so states when broken)
+CUES: dict[str, tuple[str, str]] = {
+    "req_count": ("count", "the number of shapes differs from the brief"),
+    "req_headline": ("headline", "the headline is misspelled"),
+    "req_logo": ("logo", "the logo is in the wrong corner"),
+    "req_shapes": ("colour", "the shapes have the wrong colour"),
+}
+RULES: dict[str, str] = {
+    "req_count": "Answer no if the count of shapes differs from the brief.",
+    "req_headline": "Answer no if the headline is misspelled.",
+    "req_logo": "Answer no if the logo is not in the briefed corner.",
+    "req_shapes": "Answer no if the shapes are not in the briefed colour.",
+}
+VAGUE = "Judge the banner carefully against the brief."
+Q_PROPOSALS = (
+    "Describe the background of the banner.",
+    "Count the shapes, read the headline and the logo corner; compare them with the brief.",
+)
+OPRO_PROPOSALS = (RULES["req_logo"], VAGUE)
+
+
+class ComplianceWorld:
+    """Scripted LMs over a SYNTHETIC compliance dataset, answering from the per-requirement truth of each banner.
+
+    The judge checks a requirement only when its instruction names it (the seed instruction names none, so it
+    answers yes to everything). The verbalizer states a broken requirement only when its instruction names it (the
+    seed one does not). Update_q walks :data:`Q_PROPOSALS`; Update_p is myopic: it adds the rules of the first error
+    whose description states a fact (so which rule BLPO finds depends on the seed's error batch); OPRO's proposer
+    proposes the logo rule. So no-opt and fixed I2T stay at "always yes", OPRO and BLPO differ.
+    """
+
+    def __init__(self, root: Path, n: int) -> None:
+        self.task = Task.load("compliance")
+        manifest = make_compliance_dataset(root, n, seed=0)
+        self.examples = load_manifest(manifest, self.task, extra_columns=list(REQUIREMENTS))
+        self.truth = {e.image.sha256: {r: str(e[r]) == "1" for r in REQUIREMENTS} for e in self.examples}
+        self.engine = ScriptedEngine(rules=[self._verbalizer, self._judge, self._proposer], model="compliance-world")
+
+    def _broken(self, call: ScriptedCall) -> list[str]:
+        facts = self.truth[hashlib.sha256(call.images["image"][0]).hexdigest()]
+        text = call.instructions.lower()
+        return [r for r in REQUIREMENTS if CUES[r][0] in text and not facts[r]]
+
+    def _verbalizer(self, call: ScriptedCall) -> Answer:
+        if call.role != "verbalizer":
+            return None
+        notes = "".join(f" Note: {CUES[r][1]}." for r in self._broken(call))
+        return {"description": "A banner with shapes, a headline and a logo square." + notes}
+
+    def _judge(self, call: ScriptedCall) -> Answer:
+        if call.role != "judge":
+            return None
+        broken = self._broken(call)
+        return {"rationale": f"Checked: {', '.join(broken) or 'nothing'}.", "label": "no" if broken else "yes"}
+
+    def _proposer(self, call: ScriptedCall) -> Answer:
+        if call.role != "proposer":
+            return None
+        if "history" in call.inputs:  # Update_q
+            text = next((q for q in Q_PROPOSALS if q not in call.inputs["history"]), Q_PROPOSALS[-1] + " Be thorough.")
+            return {"new_instruction": text}
+        if "scored_instructions" in call.inputs:  # OPRO
+            tried = call.inputs["scored_instructions"]
+            text = next((p for p in OPRO_PROPOSALS if p not in tried), VAGUE)
+        else:  # Update_p
+            tried = call.inputs.get("tried_instructions", "")
+            first = next((block for block in call.inputs.get("errors", "").split("Error ") if "Note:" in block), "")
+            current = call.inputs.get("current_instruction", "")
+            text = " ".join(RULES[r] for r in REQUIREMENTS if CUES[r][1] in first or RULES[r] in current) or VAGUE
+        while text in tried:
+            text += " Be precise."
+        return {"new_instruction": text}
+
+
+def _boom_everywhere(context: OptimizerContext) -> Any:
+    raise RuntimeError(f"deliberate failure of {context.name} seed {context.seed}")
+
+
+def _section_tables(md: str, title: str) -> list[list[list[str]]]:
+    """The Markdown tables of one ``## title`` section, as rows of cells (header first, separator dropped)."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |^---$)", md, re.MULTILINE | re.DOTALL)
+    assert match, f"section {title!r} not in the report"
+    tables: list[list[list[str]]] = []
+    current: list[list[str]] = []
+    for line in [*match.group(1).splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(re.fullmatch(r"-+:?", c) for c in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_formatting_functions() -> None:
+    assert format_mean_std(0.5, 0.25) == "0.500 ± 0.250" and format_mean_std(0.71828, None) == "0.718"
+    assert format_mean_std(None, None) == "—" and format_mean_std(1 / 3, 0.0, 2) == "0.33 ± 0.00"
+    assert format_number(12.25, 1) == "12.2" and format_number(61310.5, 0) == "61310" and format_number(None) == "—"
+
+
+def test_compare_on_the_compliance_task_recomputes_tables_and_plots_from_result_json(tmp_path: Path) -> None:
+    world = ComplianceWorld(tmp_path / "data", 24)
+    lm = world.engine.lm()
+    out = tmp_path / "cmp"
+    optimizers = ["no-opt", "blpo", "fixed-i2t", "opro", "boom"]
+    seeds = [0, 1]
+    result = run_compare(
+        world.task,
+        world.examples,
+        optimizers=optimizers,
+        seeds=len(seeds),
+        judge_sees="image",
+        verbalizer_lm=lm,
+        judge_lm=lm,
+        proposer_lm=lm,
+        out_dir=out,
+        num_threads=4,
+        max_calls=200,
+        n_resamples=200,
+        outer_steps=1,
+        inner_steps=2,
+        error_batch_size=4,
+        retain_batch_size=3,
+        factories={"boom": _boom_everywhere},
+    )
+    assert cli_main(["report", str(out)]) == 0  # `blpo report DIR` on the comparison directory
+
+    for name in ("splits.json", "compare.json", "compare.csv", "compare.md", "report.md", "report.html"):
+        assert (out / name).is_file(), name
+    runs = {}
+    for path in sorted(out.glob("runs/*/seed-*/result.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        runs[(data["optimizer"], data["seed"])] = data
+    assert set(runs) == {(name, seed) for name in optimizers for seed in seeds}
+    test_n = json.loads((out / "splits.json").read_text(encoding="utf-8"))["splits"]["test"]["n"]
+
+    # the failing optimizer is failed on every seed, every other run finished
+    for seed in seeds:
+        assert runs[("boom", seed)]["status"] == "failed" and runs[("boom", seed)]["test"] is None
+        assert f"deliberate failure of boom seed {seed}" in runs[("boom", seed)]["error"]
+    assert all(r["status"] == "ok" for (name, _), r in runs.items() if name != "boom")
+    assert {(r["optimizer"], r["seed"]) for r in result.failed} == {("boom", 0), ("boom", 1)}
+
+    # result.json holds the held-out confusion matrix, consistent with the run's accuracy
+    for (name, _), run in runs.items():
+        if name == "boom":
+            continue
+        cm = run["test"]["confusion_matrix"]
+        assert cm["labels"] == ["yes", "no"] and cm["columns"] == ["yes", "no", "unparsed"]
+        assert sum(map(sum, cm["counts"])) == run["test"]["n"] == test_n
+        correct = cm["counts"][0][0] + cm["counts"][1][1]
+        assert run["test"]["scores"]["accuracy"]["value"] == pytest.approx(correct / test_n)
+    # the always-yes seed judge: every answer is "yes"
+    assert runs[("no-opt", 0)]["test"]["confusion_matrix"]["counts"] == [[test_n // 2, 0, 0], [test_n // 2, 0, 0]]
+
+    # recompute every aggregate from the per-run files
+    metrics = ["macro_f1", "accuracy", "cohen_kappa"]
+    expected: dict[str, dict[str, Any]] = {}
+    for name in optimizers:
+        ok = [runs[(name, s)] for s in seeds if runs[(name, s)]["status"] == "ok"]
+
+        def mean(values: list[float]) -> float | None:
+            return statistics.fmean(values) if values else None
+
+        row: dict[str, Any] = {"runs": len(seeds), "ok": len(ok), "failed": len(seeds) - len(ok)}
+        for metric in metrics:
+            values = [r["test"]["scores"][metric]["value"] for r in ok]
+            row[f"{metric}_mean"] = mean(values)
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) >= 2 else None
+            row[f"{metric}_n"] = len(values)
+        for role in ("total", "verbalizer", "judge", "proposer"):
+            row[f"calls_{role}_mean"] = mean([r["usage"][role]["calls"] for r in ok])
+        total = [r["usage"]["total"] for r in ok]
+        row["tokens_mean"] = mean([u["prompt_tokens"] + u["completion_tokens"] for u in total])
+        row["proposer_images_mean"] = mean([r["usage"]["proposer"]["images"] for r in ok])
+        row["compile_seconds_mean"] = mean([r["wall_seconds"]["compile"] for r in ok])
+        expected[name] = row
+
+    means = {name: expected[name]["macro_f1_mean"] for name in optimizers if name != "boom"}
+    assert len(set(means.values())) >= 2  # the scripted instructions make a real difference
+    assert means["blpo"] > means["no-opt"] and means["opro"] > means["fixed-i2t"] == means["no-opt"]
+    assert any(expected[name]["macro_f1_std"] for name in optimizers if name != "boom")  # a real sample std
+
+    csv_rows = {row["optimizer"]: row for row in csv.DictReader((out / "compare.csv").open(encoding="utf-8"))}
+    assert list(csv_rows) == optimizers
+    for name in optimizers:
+        for column, value in expected[name].items():
+            cell = csv_rows[name][column]
+            if value is None:
+                assert cell == "", (name, column)
+            else:
+                assert float(cell) == pytest.approx(value, rel=1e-12, abs=1e-12), (name, column)
+
+    def table_cells(name: str) -> list[str]:
+        row = expected[name]
+        cells = [name, f"{row['ok']}/{row['runs']}"]
+        cells += [format_mean_std(row[f"{m}_mean"], row[f"{m}_std"]) for m in metrics]
+        cells += [format_number(row[f"calls_{role}_mean"]) for role in ("total", "judge", "verbalizer", "proposer")]
+        cells += [format_number(row["proposer_images_mean"]), format_number(row["tokens_mean"], 0)]
+        cells += [format_number(row["compile_seconds_mean"], 2)]
+        return cells
+
+    compare_md = (out / "compare.md").read_text(encoding="utf-8")
+    assert _markdown_rows(compare_md) == {name: table_cells(name)[1:] for name in optimizers}
+    assert "| boom | 0/2 | — | — | — |" in compare_md
+
+    # the report: the same table (recomputed by the report from the result.json files), runs, failures, confusion
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert md.startswith("# BLPO comparison: compliance\n")
+    table = _section_tables(md, "Comparison")[0]
+    assert table[0][:3] == ["Optimizer", "OK runs", "Macro-F1"]
+    assert table[1:] == [table_cells(name) for name in optimizers]
+    (failed_table,) = _section_tables(md, "Failed runs")
+    assert [row[:2] for row in failed_table[1:]] == [["boom", "0"], ["boom", "1"]]
+    assert failed_table[1][2] == "RuntimeError: deliberate failure of boom seed 0"
+    (runs_table,) = _section_tables(md, "Runs")
+    assert runs_table[0][3:5] == ["Macro-F1", "95% CI"]
+    assert [row[:3] for row in runs_table[1:]] == [
+        [name, str(seed), runs[(name, seed)]["status"]] for name in optimizers for seed in seeds
+    ]
+    for row in runs_table[1:]:
+        run = runs[(row[0], int(row[1]))]
+        assert row[5] == str(run["usage"]["total"]["calls"])
+        if run["status"] == "ok":
+            score = run["test"]["scores"]["macro_f1"]
+            assert row[3] == report_number(score["value"])
+            assert row[4] == f"[{report_number(score['low'])}, {report_number(score['high'])}]"
+        else:
+            assert row[3] == row[4] == "—"
+    confusion_tables = _section_tables(md, "Confusion matrices (pooled over seeds)")
+    assert len(confusion_tables) == len(optimizers) - 1
+    for name, cm_table in zip([n for n in optimizers if n != "boom"], confusion_tables, strict=True):
+        pooled = [
+            [sum(runs[(name, s)]["test"]["confusion_matrix"]["counts"][i][j] for s in seeds) for j in range(3)]
+            for i in range(2)
+        ]
+        assert cm_table[0][1:] == ["yes", "no", "unparsed"]
+        assert [[int(c) for c in row[1:]] for row in cm_table[1:]] == pooled
+    assert "boom: failed." in md
+
+    # the plots: valid PNGs beside report.md, linked from it, embedded byte for byte in report.html
+    html = (out / "report.html").read_text(encoding="utf-8")
+    embedded = [base64.b64decode(data) for data in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)]
+    pngs = {}
+    for name in COMPARE_PNGS:
+        path = out / name
+        with PILImage.open(path) as image:
+            assert image.format == "PNG" and image.size[0] >= 400 and image.size[1] >= 300
+            image.verify()
+        assert f"]({name})" in md
+        pngs[name] = path.read_bytes()
+        assert pngs[name] in embedded
+    assert len(embedded) == len(COMPARE_PNGS)
+    assert str(tmp_path) not in md and str(tmp_path) not in re.sub(r"data:image/png;base64,[^\"]+", "", html)
+
+    # compare.json's aggregates are not an input: spoiling them changes nothing in the table or the plots
+    compare = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    for row in compare["rows"]:
+        for stats in row["metrics"].values():
+            stats["mean"], stats["std"] = 0.0, 0.0
+        row["calls"] = dict.fromkeys(row["calls"], 0.0)
+    (out / "compare.json").write_text(json.dumps(compare), encoding="utf-8")
+    assert cli_main(["report", str(out)]) == 0
+    assert _section_tables((out / "report.md").read_text(encoding="utf-8"), "Comparison")[0] == table
+    assert {name: (out / name).read_bytes() for name in COMPARE_PNGS} == pngs

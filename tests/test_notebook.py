@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sys
@@ -78,5 +79,31 @@ def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     run = workdir / "quickstart_output" / "blpo"
     assert (run / "report.html").is_file() and (run / "report.md").is_file()
     assert (run / "evaluations" / "seed.json").is_file() and (run / "evaluations" / "compiled.json").is_file()
-    shown = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(shown) == len(list(run.glob("report_*.png"))) == 3
+
+    # run_compare over two seeds, its report and the comparison plots
+    match = re.search(r"mean held-out macro_f1 over seeds: no-opt ([\d.]+), fixed-i2t ([\d.]+), blpo ([\d.]+)", text)
+    assert match, f"the run_compare line is missing from the outputs:\n{text[-2000:]}"
+    no_opt, fixed_i2t, blpo_mean = (float(g) for g in match.groups())
+    assert blpo_mean >= 0.9 and blpo_mean > fixed_i2t and blpo_mean > no_opt
+    assert "# Optimizer comparison: circle_count" in text and "| blpo | 2/2 |" in text
+    compare = workdir / "quickstart_output" / "compare"
+    assert len(list(compare.glob("runs/*/seed-*/result.json"))) == 6
+    assert {p.name for p in compare.glob("report_*.png")} == {
+        "report_compare_scores.png",
+        "report_compare_cost.png",
+        "report_compare_confusion.png",
+    }
+    assert "](report_compare_scores.png)" in (compare / "report.md").read_text(encoding="utf-8")
+
+    # the images shown are the run's three plots, then the comparison's score and cost plots, byte for byte
+    shown = [
+        base64.b64decode(o["data"]["image/png"])
+        for cell in nb.cells
+        for o in cell.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
+    expected = sorted(p.read_bytes() for p in run.glob("report_*.png"))
+    assert len(expected) == 3 and sorted(shown[:3]) == expected
+    assert shown[3:] == [
+        (compare / name).read_bytes() for name in ("report_compare_scores.png", "report_compare_cost.png")
+    ]

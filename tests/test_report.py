@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,9 +23,13 @@ from blpo_dspy.metrics import METRICS
 from blpo_dspy.modules import ImageJudge
 from blpo_dspy.persistence import load_program
 from blpo_dspy.report import (
+    COMPARE_CONFUSION_PNG,
+    COMPARE_PNGS,
+    COMPARE_SCORES_PNG,
     HISTORY_PNG,
     ReportError,
     per_class_metrics,
+    pool_confusion,
     write_report,
 )
 from blpo_dspy.teleprompt import BLPO
@@ -428,3 +433,168 @@ def test_missing_matplotlib_is_an_actionable_error(run: Path, monkeypatch: pytes
     assert paths.images == ()
     assert "data:image/png" not in paths.html.read_text(encoding="utf-8")
     assert NUMBER_RULE in paths.md.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------- comparisons
+def _result(
+    optimizer: str,
+    seed: int,
+    macro_f1: float | None = None,
+    counts: list[list[int]] | None = None,
+    calls: int = 10,
+    *,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """A ``result.json`` in :func:`blpo_dspy.compare.run_compare`'s format (ok when ``macro_f1`` is given)."""
+    usage = {
+        role: {"calls": calls if role in ("judge", "total") else 0, "prompt_tokens": 5 * calls, "completion_tokens": 2}
+        for role in ("verbalizer", "judge", "proposer", "total")
+    }
+    for counters in usage.values():
+        counters["images"] = 0
+    result: dict[str, Any] = {
+        "format": 1,
+        "optimizer": optimizer,
+        "seed": seed,
+        "status": "failed" if macro_f1 is None else "ok",
+        "error": error,
+        "task": "circle_count",
+        "test": None,
+        "usage": usage,
+        "wall_seconds": {"compile": 1.5 + seed, "evaluate": None if macro_f1 is None else 0.5},
+    }
+    if macro_f1 is not None:
+        counts = counts or [[2, 1, 0], [1, 2, 0]]
+        result["test"] = {
+            "n": sum(map(sum, counts)),
+            "primary": "macro_f1",
+            "confidence": 0.95,
+            "scores": {
+                "macro_f1": {"value": macro_f1, "low": macro_f1 - 0.2, "high": min(1.0, macro_f1 + 0.1)},
+                "accuracy": {"value": macro_f1, "low": None, "high": None},
+            },
+            "parse_failure_rate": 0.0,
+            "error_count": 0,
+            "confusion_matrix": {"labels": ["yes", "no"], "columns": ["yes", "no", "unparsed"], "counts": counts},
+        }
+    return result
+
+
+def _write_results(folder: Path, results: list[dict[str, Any]]) -> None:
+    for result in results:
+        run = folder / "runs" / result["optimizer"] / f"seed-{result['seed']}"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "result.json").write_text(json.dumps(result), encoding="utf-8")
+
+
+def test_comparison_report_is_computed_from_the_result_files(tmp_path: Path) -> None:
+    folder = tmp_path / "cmp"
+    _write_results(
+        folder,
+        [
+            _result("beta", 0, 0.9, [[3, 0, 0], [1, 1, 1]], calls=40),
+            _result("beta", 1, error="RuntimeError: no budget\nTraceback ..."),
+            _result("alpha", 0, 0.5, calls=20),
+            _result("alpha", 1, 0.7, [[3, 0, 0], [0, 2, 1]], calls=30),
+            _result("gamma", 0, error="ValueError: bad"),
+        ],
+    )
+    paths = write_report(folder)  # no compare.json: the runs alone are enough
+    md = paths.md.read_text(encoding="utf-8")
+    assert md.startswith("# BLPO comparison: circle_count\n")
+    table = _md_tables(_section(md, "Comparison"))[0]
+    assert table[0][:5] == ["Optimizer", "OK runs", "Macro-F1", "Accuracy", "LM calls"]
+    assert [row[:5] for row in table[1:]] == [
+        ["alpha", "2/2", f"0.600 ± {statistics.stdev([0.5, 0.7]):.3f}", "0.600 ± 0.141", "25.0"],
+        ["beta", "1/2", "0.900", "0.900", "40.0"],
+        ["gamma", "0/1", "—", "—", "—"],
+    ]
+    assert table[1][-1] == "2.00"  # mean compile time of alpha's seeds 0 and 1 (1.5 and 2.5 s)
+    failed = _md_tables(_section(md, "Failed runs"))[0]
+    assert failed[1:] == [["beta", "1", "RuntimeError: no budget"], ["gamma", "0", "ValueError: bad"]]
+    runs = _md_tables(_section(md, "Runs"))[0]
+    assert runs[1] == ["alpha", "0", "ok", "0.500", "[0.300, 0.600]", "20", "102", "1.50", "0.000"]
+    assert runs[4] == ["beta", "1", "failed", "—", "—", "10", "52", "2.50", "—"]
+    pooled = _md_tables(_section(md, "Confusion matrices (pooled over seeds)"))
+    assert [[int(c) for c in row[1:]] for row in pooled[0][1:]] == [[5, 1, 0], [1, 4, 1]]  # alpha, both seeds
+    assert [[int(c) for c in row[1:]] for row in pooled[1][1:]] == [[3, 0, 0], [1, 1, 1]]  # beta, its ok seed
+    assert len(pooled) == 2 and "gamma: failed." in md
+
+    assert {p.name for p in paths.images} == set(COMPARE_PNGS)
+    html = paths.html.read_text(encoding="utf-8")
+    embedded = [base64.b64decode(data) for data in DATA_URI.findall(html)]
+    assert sorted(embedded) == sorted(p.read_bytes() for p in paths.images)
+    for image in paths.images:
+        assert image.read_bytes().startswith(PNG_MAGIC) and f"]({image.name})" in md
+    assert _html_tables(html) == _md_tables(md)
+
+    other = Path(shutil.copytree(folder, tmp_path / "elsewhere"))  # deterministic, whatever the folder
+    again = write_report(other)
+    assert again.md.read_bytes() == paths.md.read_bytes()
+    assert [p.read_bytes() for p in again.images] == [p.read_bytes() for p in paths.images]
+
+    scores_png = (folder / COMPARE_SCORES_PNG).read_bytes()
+    _write_results(folder, [_result("gamma", 0, 0.4)])  # the plots follow the result files
+    second = write_report(folder)
+    assert (folder / COMPARE_SCORES_PNG).read_bytes() != scores_png
+    assert "gamma: failed." not in second.md.read_text(encoding="utf-8")
+    write_report(folder, plots=False)
+    assert not any((folder / name).exists() for name in COMPARE_PNGS)  # stale plots are removed
+
+
+def test_compare_json_selects_and_orders_the_runs(tmp_path: Path) -> None:
+    folder = tmp_path / "cmp"
+    _write_results(folder, [_result("a", 0, 0.5), _result("a", 1, 0.6), _result("b", 0, 0.8), _result("old", 0, 0.1)])
+    compare = {"task": "circle_count", "judge_sees": "text", "optimizers": ["b", "a"], "seeds": [0], "max_calls": None}
+    (folder / "compare.json").write_text(json.dumps(compare), encoding="utf-8")
+    md = write_report(folder, plots=False).md.read_text(encoding="utf-8")
+    table = _md_tables(_section(md, "Comparison"))[0]
+    assert [row[:3] for row in table[1:]] == [["b", "1/1", "0.800"], ["a", "1/1", "0.500"]]
+    assert "- **Judge sees**: text" in md and "- **LM-call budget per compile**: none" in md
+    assert "old" not in md and "(2 files)" in md
+
+
+def test_comparison_runs_without_confusion_matrices(tmp_path: Path) -> None:
+    folder = tmp_path / "cmp"
+    old = _result("a", 0, 0.5)
+    del old["test"]["confusion_matrix"]  # written before result.json held it
+    _write_results(folder, [old, _result("b", 0, 0.6)])
+    paths = write_report(folder)
+    md = paths.md.read_text(encoding="utf-8")
+    assert "a: no confusion matrix in its result.json files." in md
+    assert len(_md_tables(_section(md, "Confusion matrices (pooled over seeds)"))) == 1
+    assert (folder / COMPARE_CONFUSION_PNG).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_bad_comparison_results_name_the_file_and_field(tmp_path: Path) -> None:
+    folder = tmp_path / "cmp"
+    bad = _result("a", 0, 0.5)
+    del bad["test"]["scores"]
+    _write_results(folder, [bad])
+    with pytest.raises(ReportError, match=r"cmp/runs/a/seed-0/result\.json: field 'test\.scores'"):
+        write_report(folder)
+    bad = _result("a", 0, 0.5)
+    bad["usage"]["total"]["calls"] = "many"
+    _write_results(folder, [bad])
+    with pytest.raises(ReportError, match=r"seed-0/result\.json: field 'usage\.total\.calls'"):
+        write_report(folder)
+    bad = _result("a", 0, 0.5)
+    bad["test"]["primary"] = "f1"
+    _write_results(folder, [bad])
+    with pytest.raises(ReportError, match=r"field 'test\.primary'"):
+        write_report(folder)
+    other = _result("b", 1, 0.5)
+    other["test"]["confusion_matrix"]["labels"] = ["no", "yes"]
+    _write_results(folder, [_result("a", 0, 0.5), other])
+    with pytest.raises(ReportError, match=r"runs/b/seed-1/result\.json: field 'test\.confusion_matrix'.*differ"):
+        write_report(folder)
+    assert not (folder / "report.md").exists()
+
+
+def test_pool_confusion_sums_matching_matrices() -> None:
+    a = {"labels": ["yes", "no"], "columns": ["yes", "no", "unparsed"], "counts": [[1, 2, 0], [3, 4, 1]]}
+    b = {"labels": ["yes", "no"], "columns": ["yes", "no", "unparsed"], "counts": [[5, 0, 2], [0, 1, 0]]}
+    assert pool_confusion([a, b])["counts"] == [[6, 2, 2], [3, 5, 1]]
+    assert pool_confusion([]) is None
+    with pytest.raises(ValueError, match="differ"):
+        pool_confusion([a, {**b, "labels": ["no", "yes"]}])
