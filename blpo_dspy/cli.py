@@ -1,4 +1,4 @@
-"""The ``blpo`` command line: tasks, synth, compile, evaluate, compare, report, demo."""
+"""The ``blpo`` command line: tasks, synth, compile, worker, evaluate, compare, report, demo."""
 
 from __future__ import annotations
 
@@ -70,6 +70,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="verbalization cache (SQLite) to share across runs (default: in --run-dir)",
     )
+    p.add_argument(
+        "--allow-workers",
+        action="store_true",
+        help="let `blpo worker` processes evaluate the selection trials through the shared Optuna study",
+    )
+    p.add_argument(
+        "--study-storage",
+        default=None,
+        help="Optuna storage URL of the round studies (default: sqlite:///RUN_DIR/study.db; postgresql://... for "
+        "workers on other machines)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-calls", type=int, default=None, help="cap on the total number of LM calls")
     p.add_argument("--outer-steps", type=int, default=5)
@@ -80,6 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="primary", help="selection metric name (default: the task's primary)")
     p.add_argument("--threads", type=int, default=8)
     p.set_defaults(handler=_cmd_compile)
+
+    p = sub.add_parser("worker", help="evaluate selection trials of a compile started with --allow-workers")
+    p.add_argument("run_dir", type=Path, help="the compile's run directory")
+    p.add_argument("--data", required=True, type=Path, help="the compile's --data (its validation examples are used)")
+    p.add_argument("--images", type=Path, default=None, help="the compile's --images")
+    p.add_argument("--verbalizer-lm", required=True, help="the compile's verbalizer LM spec")
+    p.add_argument("--judge-lm", required=True, help="the compile's judge LM spec")
+    p.add_argument("--storage", default=None, help="the compile's --study-storage (default: in the run directory)")
+    p.add_argument("--cache", type=Path, default=None, help="the compile's --cache, if it used one")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--idle-timeout", type=float, default=600.0, help="stop after this many seconds without work")
+    p.set_defaults(handler=_cmd_worker)
 
     p = sub.add_parser("evaluate", help="evaluate a saved program on a split")
     p.add_argument("program", type=Path, help="program.json written by compile")
@@ -221,6 +244,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         run_dir=args.run_dir,
         resume=args.resume,
         cache_path=args.cache,
+        study_storage=args.study_storage,
+        allow_workers=args.allow_workers,
         progress=True,
     )
     compiled = optimizer.compile(program, trainset=splits["train"], valset=splits["val"])
@@ -238,6 +263,44 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             print(f"\nheld-out test split, {name} program (n={report.n}):\n{report.table()}")
     _write_report(args.run_dir)
     print(f"\nprogram: {args.run_dir / 'program.json'}")
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import time
+
+    from blpo_dspy.lm_specs import build_lm
+    from blpo_dspy.modules import ImageJudge
+    from blpo_dspy.task import Task
+    from blpo_dspy.teleprompt.workers import SelectionWorker
+
+    state_path = args.run_dir / "state.json"
+    deadline = time.monotonic() + args.idle_timeout
+    while not state_path.exists():  # the worker may start before the compile
+        if time.monotonic() > deadline:
+            raise FileNotFoundError(f"no compile in '{args.run_dir.name}' (no state.json) after {args.idle_timeout} s")
+        time.sleep(0.5)
+    identity = json.loads(state_path.read_text(encoding="utf-8"))["identity"]
+    task = Task.from_dict(identity["task"], source=f"{args.run_dir.name}/state.json")
+    program = ImageJudge(
+        task,
+        judge_sees=identity["judge_sees"],
+        verbalizer_lm=build_lm(args.verbalizer_lm, role="verbalizer"),
+        judge_lm=build_lm(args.judge_lm, role="judge"),
+    )
+    worker = SelectionWorker(
+        args.run_dir,
+        program,
+        _load_examples(args, task),
+        storage=args.storage,
+        cache_path=args.cache,
+        num_threads=args.threads,
+        idle_timeout=args.idle_timeout,
+    )
+    report = worker.serve()
+    print(f"worker stopped ({report.stop_reason}): {len(report.trials)} trial(s) evaluated")
+    for study, number, candidate, state in report.trials:
+        print(f"  {study} trial {number}: candidate {candidate} {state}")
     return 0
 
 
