@@ -1,8 +1,9 @@
 """Persistent LM-result stores (SQLite, WAL mode, safe for threads and for concurrent processes).
 
 - ``VerbalizationCache``: key = SHA-256 of the image bytes, the I2T instruction, the model id, the decoding
-  parameters and the task's text fields. No image is verbalized twice under one instruction, within a compile or
-  across compiles that share the file.
+  parameters and the task's text fields. No image is verbalized twice under one instruction within a compile, or
+  across compiles that share the file one after the other. Compiles running at the same time share what either
+  has stored, but both may verbalize a pair that neither has stored yet (the first write wins; nothing is lost).
 - ``CallJournal``: every finished judge and proposer result of a compile, keyed by the full content of the call.
   A killed compile re-runs deterministically and finds every finished call here, so resuming repeats none.
 

@@ -16,6 +16,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 logger = logging.getLogger("blpo_dspy.cli")
 
 DEFAULT_SPLITS = {"train": 0.5, "val": 0.25, "test": 0.25}
+_LM_SPEC_HELP = (
+    "LM spec for the verbalizer: a DSPy/LiteLLM model string (openai/gpt-4o), 'local', 'factsheet', or "
+    "'py:module:attribute' (your own dspy.LM, or a factory called with role=...)"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,9 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="optimize a judge program with BLPO")
     p.add_argument("task", help="built-in task name or path to a task card (.toml)")
     _data_args(p)
-    p.add_argument("--verbalizer-lm", required=True, help="LM spec for the verbalizer (e.g. openai/gpt-4o, local)")
-    p.add_argument("--judge-lm", required=True, help="LM spec for the judge")
-    p.add_argument("--proposer-lm", required=True, help="LM spec for the proposer (text only)")
+    p.add_argument("--verbalizer-lm", required=True, help=_LM_SPEC_HELP)
+    p.add_argument("--judge-lm", required=True, help="LM spec for the judge (same forms as --verbalizer-lm)")
+    p.add_argument("--proposer-lm", required=True, help="LM spec for the proposer, text only (same forms)")
     p.add_argument("--judge-sees", choices=["image", "text", "both"], default="image")
     p.add_argument("--run-dir", required=True, type=Path, help="run directory (state, study, cache, program)")
     p.add_argument("--resume", action="store_true", help="continue a killed compile in --run-dir")
@@ -119,9 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--optimizers", default="no-opt,blpo,fixed-i2t,judge-prompt-i2t,opro,mipro,copro,gepa")
     p.add_argument("--seeds", default="3", help="a count (3) or a comma list (0,1,2)")
-    p.add_argument("--verbalizer-lm", required=True)
-    p.add_argument("--judge-lm", required=True)
-    p.add_argument("--proposer-lm", required=True)
+    p.add_argument("--verbalizer-lm", required=True, help=_LM_SPEC_HELP)
+    p.add_argument("--judge-lm", required=True, help="LM spec for the judge (same forms as --verbalizer-lm)")
+    p.add_argument("--proposer-lm", required=True, help="LM spec for the proposer, text only (same forms)")
     p.add_argument("--judge-sees", choices=["image", "text", "both"], default="image")
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--max-calls", type=int, default=None)
