@@ -1,8 +1,8 @@
 """Run a judge program over labelled examples and score its agreement with the human labels.
 
-:func:`evaluate` calls ``program(**example.inputs())`` for every example (in parallel threads that inherit the
-caller's ``dspy.context``), never raises because of one example, and returns an :class:`EvaluationReport` with one
-record per example and corpus metrics with bootstrap confidence intervals.
+:func:`evaluate` calls ``program(**example.inputs())`` for every example (one after another in the caller's thread,
+or on worker threads that inherit the caller's ``dspy.context``), never raises because of one example, and returns
+an :class:`EvaluationReport` with one record per example and corpus metrics with bootstrap confidence intervals.
 
 The program contract: it returns a ``dspy.Prediction`` whose ``label`` is a canonical label of the task, or
 ``None`` when the LM answer could not be parsed; optionally ``raw_label`` (the LM's answer as text), ``rationale``
@@ -37,6 +37,9 @@ from blpo_dspy.task import LABEL_FIELD, RATIONALE_FIELD, Label, LabelError, Task
 logger = logging.getLogger(__name__)
 
 _MAX_ERROR_TEXT = 500
+_MEMO_TYPES = (str, int, float)  # label value types whose equal values always validate/parse alike
+_MISSING = object()
+_ABSENT = object()  # a prediction without the field
 
 
 @dataclass(frozen=True)
@@ -178,76 +181,145 @@ def _where(index: int, ident: str | int | None) -> str:
     return f"example {index}" + (f" (id={ident!r})" if ident is not None else "")
 
 
-def _check_examples(task: Task, examples: Sequence[Any]) -> list[tuple[Label, str | int | None]]:
-    """Validate gold labels and inputs before any call; return ``(gold, id)`` per example."""
-    checked: list[tuple[Label, str | int | None]] = []
+@dataclass(frozen=True)
+class _Job:
+    """One example ready to run: its position, id, gold label and the keyword arguments of the call."""
+
+    index: int
+    id: str | int | None
+    gold: Label
+    inputs: dict[str, Any]
+
+
+def _check_examples(task: Task, examples: Sequence[Any]) -> list[_Job]:
+    """Validate gold labels and inputs before any call; return one :class:`_Job` per example.
+
+    Gold labels of plain types are validated once per distinct ``(type, value)`` (``Task.validate_label`` is pure),
+    so a large split with few label values costs one validation per value.
+    """
+    jobs: list[_Job] = []
+    validated: dict[tuple[type, Any], Label] = {}
     for index, example in enumerate(examples):
         ident = _example_id(example)
-        where = _where(index, ident)
         if not isinstance(example, dspy.Example):
-            raise TypeError(f"{where}: expected a dspy.Example, got {type(example).__name__}")
+            raise TypeError(f"{_where(index, ident)}: expected a dspy.Example, got {type(example).__name__}")
         try:
-            example.inputs()
+            inputs = example.inputs()
         except ValueError as exc:
-            raise ValueError(f"{where}: no input fields; build it with .with_inputs(...) ({exc})") from exc
+            raise ValueError(
+                f"{_where(index, ident)}: no input fields; build it with .with_inputs(...) ({exc})"
+            ) from exc
         if LABEL_FIELD not in example:
-            raise LabelError(f"{where}: field 'label': missing")
-        try:
-            gold = task.validate_label(example[LABEL_FIELD])
-        except LabelError as exc:
-            raise LabelError(f"{where}: field 'label': {exc}") from exc
-        checked.append((gold, ident))
-    return checked
+            raise LabelError(f"{_where(index, ident)}: field 'label': missing")
+        raw = example[LABEL_FIELD]
+        key = (type(raw), raw) if type(raw) in _MEMO_TYPES else None
+        gold = validated.get(key) if key is not None else None
+        if gold is None:
+            try:
+                gold = task.validate_label(raw)
+            except LabelError as exc:
+                raise LabelError(f"{_where(index, ident)}: field 'label': {exc}") from exc
+            if key is not None:
+                validated[key] = gold
+        # The same keyword arguments as ``program(**example.inputs())``, built once.
+        jobs.append(_Job(index, ident, gold, {name: inputs[name] for name in inputs.keys()}))
+    return jobs
+
+
+class _LabelReader:
+    """``task.parse_label`` with the canonical labels answered from a table (the common case: programs such as
+    ``ImageJudge`` return labels already parsed). Same results as ``task.parse_label`` for every value."""
+
+    def __init__(self, task: Task) -> None:
+        self._task = task
+        self._known: dict[tuple[type, Any], Label | None] = {}
+        for label in task.labels:
+            if type(label) in _MEMO_TYPES:
+                self._known[(type(label), label)] = task.parse_label(label)
+
+    def __call__(self, value: Any) -> Label | None:
+        kind = type(value)
+        if kind in _MEMO_TYPES:  # exact types: no bool or str subclass equal to a label sneaks through
+            known = self._known.get((kind, value), _MISSING)
+            if known is not _MISSING:
+                return known
+        return self._task.parse_label(value)
+
+
+def _field(prediction: Any, name: str) -> Any:
+    """``prediction.<name>``, or :data:`_ABSENT` when it has no such attribute.
+
+    A plain ``dspy.Prediction`` is read from its store (what ``getattr`` returns for these names, without the
+    failed attribute lookup and ``__getattr__`` fallback); anything else through ``getattr``.
+    """
+    if type(prediction) is dspy.Prediction:
+        return prediction.get(name, _ABSENT)
+    try:
+        return getattr(prediction, name)
+    except AttributeError:
+        return _ABSENT
 
 
 def _optional_text(prediction: Any, name: str) -> str | None:
-    try:
-        value = getattr(prediction, name)
-    except AttributeError:
-        return None
-    return None if value is None else str(value)
+    value = _field(prediction, name)
+    return None if value is None or value is _ABSENT else str(value)
 
 
-def _run_one(program: Any, task: Task, index: int, example: dspy.Example, gold: Label, ident: Any) -> PredictionRecord:
+def _run_one(program: Any, read_label: _LabelReader, job: _Job) -> PredictionRecord:
     """Call the program on one example; never raises (except ``BaseException``s such as ``KeyboardInterrupt``)."""
+    index, ident, gold = job.index, job.id, job.gold
     try:
-        prediction = program(**example.inputs())
+        prediction = program(**job.inputs)
     except Exception as exc:
         logger.debug("%s: program raised", _where(index, ident), exc_info=True)
         return PredictionRecord(index, ident, gold, None, error=_error_text(exc))
     try:
-        value = getattr(prediction, LABEL_FIELD)
-    except AttributeError:
-        return PredictionRecord(
-            index,
-            ident,
-            gold,
-            None,
-            raw_label=_optional_text(prediction, "raw_label"),
-            rationale=_optional_text(prediction, RATIONALE_FIELD),
-            error=f"the program returned {type(prediction).__name__} without a '{LABEL_FIELD}' field",
-        )
-    try:
-        label = task.parse_label(value)
-    except Exception as exc:  # a custom label object whose str() raises, say
+        value = _field(prediction, LABEL_FIELD)
+        if value is _ABSENT:
+            return PredictionRecord(
+                index,
+                ident,
+                gold,
+                None,
+                raw_label=_optional_text(prediction, "raw_label"),
+                rationale=_optional_text(prediction, RATIONALE_FIELD),
+                error=f"the program returned {type(prediction).__name__} without a '{LABEL_FIELD}' field",
+            )
+        label = read_label(value)
+        raw = _optional_text(prediction, "raw_label")
+        if raw is None and value is not None:
+            raw = str(value)
+        rationale = _optional_text(prediction, RATIONALE_FIELD)
+        error = _optional_text(prediction, "error")
+    except Exception as exc:  # a property raising, a custom label object whose str() raises, ...
         return PredictionRecord(index, ident, gold, None, error=_error_text(exc))
-    raw = _optional_text(prediction, "raw_label")
-    if raw is None and value is not None:
-        raw = str(value)
-    error = _optional_text(prediction, "error")
-    return PredictionRecord(
-        index,
-        ident,
-        gold,
-        label,
-        raw_label=raw,
-        rationale=_optional_text(prediction, RATIONALE_FIELD),
-        error=error or None,
+    return PredictionRecord(index, ident, gold, label, raw_label=raw, rationale=rationale, error=error or None)
+
+
+def _run_threaded(program: Any, read_label: _LabelReader, jobs: list[_Job], num_threads: int) -> list[PredictionRecord]:
+    """Run the jobs on ``num_threads`` threads with DSPy's ``ParallelExecutor`` (workers inherit the caller's
+    ``dspy.context``); results in input order."""
+    executor = ParallelExecutor(
+        num_threads=num_threads,
+        max_errors=len(jobs) + 1,  # _run_one catches errors itself; never cancel the run
+        disable_progress_bar=True,
+        provide_traceback=False,
+        timeout=0,  # no straggler re-submission: a slow LM call must not be paid twice
     )
+    results = executor.execute(lambda job: _run_one(program, read_label, job), jobs)
+    records: list[PredictionRecord] = []
+    for job, result in zip(jobs, results, strict=True):
+        if not isinstance(result, PredictionRecord):  # only if the executor itself failed on this item
+            result = PredictionRecord(job.index, job.id, job.gold, None, error=f"not run: {result!r}")
+        records.append(result)
+    return records
 
 
 def _error_text(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except Exception:  # an exception whose __str__ raises
+        text = f"{type(exc).__name__}: <unprintable>"
     return text if len(text) <= _MAX_ERROR_TEXT else text[: _MAX_ERROR_TEXT - 1] + "…"
 
 
@@ -265,11 +337,12 @@ def evaluate(
 ) -> EvaluationReport:
     """Run a judge program on labelled examples and score it against the human labels.
 
-    Each example runs as ``program(**example.inputs())`` on a pool of ``num_threads`` threads (DSPy's
-    ``ParallelExecutor``, which copies the caller's ``dspy.context`` settings into every worker); results keep the
-    input order. An exception, a missing ``label`` or an ``error`` on the prediction becomes a failed prediction
-    (label ``None``, error text recorded) — one bad example never aborts the run. Gold labels and example inputs
-    are checked before the first call.
+    Each example runs as ``program(**example.inputs())``: with ``num_threads=1`` one after another in the caller's
+    thread and ``dspy.context``; otherwise on a pool of ``num_threads`` threads (DSPy's ``ParallelExecutor``, which
+    copies the caller's ``dspy.context`` settings into every worker). Results keep the input order and do not
+    depend on ``num_threads`` (for a program whose answers do not depend on call order). An exception, a missing
+    ``label`` or an ``error`` on the prediction becomes a failed prediction (label ``None``, error text recorded) —
+    one bad example never aborts the run. Gold labels and example inputs are checked before the first call.
 
     Args:
         program: A callable (normally a ``dspy.Module``) returning a ``dspy.Prediction`` with ``label``.
@@ -302,22 +375,15 @@ def evaluate(
         raise ValueError("evaluate() got no examples")
     names = resolve_metric_names(task, metric)
     primary = names[0] if metric is not None else primary_metric(task)
-    checked = _check_examples(task, examples)
+    jobs = _check_examples(task, examples)
 
-    executor = ParallelExecutor(
-        num_threads=num_threads,
-        max_errors=len(examples) + 1,  # _run_one catches errors itself; never cancel the run
-        disable_progress_bar=True,
-        provide_traceback=False,
-        timeout=0,  # no straggler re-submission: a slow LM call must not be paid twice
-    )
-    jobs = [(i, example, *checked[i]) for i, example in enumerate(examples)]
-    results = executor.execute(lambda job: _run_one(program, task, *job), jobs)
-    records: list[PredictionRecord] = []
-    for (i, _, gold, ident), result in zip(jobs, results, strict=True):
-        if not isinstance(result, PredictionRecord):  # only if the executor itself failed on this item
-            result = PredictionRecord(i, ident, gold, None, error=f"not run: {result!r}")
-        records.append(result)
+    read_label = _LabelReader(task)
+    if num_threads == 1:
+        # In the caller's thread and context, as DSPy's ParallelExecutor does at one thread, minus its per-item
+        # progress bookkeeping (quadratic in the number of examples) and wrappers.
+        records = [_run_one(program, read_label, job) for job in jobs]
+    else:
+        records = _run_threaded(program, read_label, jobs, num_threads)
 
     errors = [r for r in records if r.failed]
     if errors:

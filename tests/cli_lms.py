@@ -292,6 +292,7 @@ class CompileProcess:
         kill_at: SIGKILL the process at the start of this LM call (1-based).
         latency: Seconds per LM call.
         barrier: ``(folder, n)`` start barrier shared with other processes.
+        extra: More ``blpo compile`` options.
     """
 
     workdir: Path
@@ -305,6 +306,7 @@ class CompileProcess:
     kill_at: int | None = None
     latency: float = 0.0
     barrier: tuple[Path, int] | None = None
+    extra: tuple[str, ...] = ()
     state_reads: int = field(default=0, init=False)
     state_changes: list[tuple[float, str, int]] = field(default_factory=list, init=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -329,7 +331,7 @@ class CompileProcess:
             command += ["--cache", str(self.cache)]
         if self.resume:
             command.append("--resume")
-        return command
+        return command + list(self.extra)
 
     def environment(self) -> dict[str, str]:
         """The process environment: ``tests/`` importable, offline LiteLLM, DSPy's cache in ``workdir``."""

@@ -1,4 +1,7 @@
-"""evaluate(): order, failures, parse failures, threads, settings propagation, report serialisation."""
+"""evaluate(): order, failures, parse failures, threads, settings propagation, report serialisation.
+
+The one-thread path gives the same report as the threaded one and never raises for a hostile program.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from PIL import Image
 
 from blpo_dspy.evaluation import EvaluationReport, PredictionRecord, evaluate
 from blpo_dspy.metrics import METRICS, accuracy
+from blpo_dspy.modules import ImageJudge
 from blpo_dspy.task import LabelError, Task
+from blpo_dspy.testing import ScriptedCall, ScriptedEngine
 
 ALIGNMENT = Task.load("alignment")
 RATING = Task.load("rating")
@@ -229,3 +234,149 @@ def test_prediction_record_properties() -> None:
     assert right.correct and not right.failed and not right.parse_failure
     assert not unparsed.correct and unparsed.parse_failure and not unparsed.failed
     assert failed.failed and not failed.parse_failure and failed.to_dict()["id"] is None
+
+
+# ---------------------------------------------------------------------------------------------- one thread vs many
+
+
+def _prompt_judge_engine() -> ScriptedEngine:
+    """A judge whose answer is decided by the prompt alone (so call order cannot matter): ``say:<text>`` answers
+    ``<text>`` as the label, ``fail`` raises in the LM."""
+
+    def judge(call: ScriptedCall) -> dict[str, str] | Exception | None:
+        if call.role != "judge":
+            return None
+        prompt = call.inputs.get("prompt", "")
+        if prompt.startswith("fail"):
+            return RuntimeError(f"LM down for {prompt}")
+        return {"rationale": f"saw {prompt}", "label": prompt.split(":", 1)[1]}
+
+    return ScriptedEngine(rules=[judge], model="prompt-judge")
+
+
+def test_image_judge_report_is_identical_for_one_and_many_threads() -> None:
+    engine = _prompt_judge_engine()
+    lm = engine.lm(num_retries=0)
+    program = ImageJudge(ALIGNMENT, judge_sees="image", judge_lm=lm, verbalizer_lm=lm)
+    answers = ["say:yes", "say:No.", "fail", "say:maybe", "say:**yes**", "fail-2", "say:no", "say:Yes"] * 3
+    golds = ["yes", "no"] * 12
+    examples = [
+        dspy.Example(id=f"e{i}", image=_image((i * 9, 0, 0)), prompt=answer, label=gold).with_inputs("image", "prompt")
+        for i, (answer, gold) in enumerate(zip(answers, golds, strict=True))
+    ]
+
+    one = evaluate(program, examples, n_resamples=200, seed=3)
+    calls_one = engine.count("judge")
+    many = evaluate(program, examples, num_threads=4, n_resamples=200, seed=3)
+
+    assert many.to_dict() == one.to_dict()
+    assert calls_one == len(examples) and engine.count("judge") == 2 * len(examples)
+    expected = [ALIGNMENT.parse_label(a.split(":", 1)[1]) if ":" in a else None for a in answers]
+    assert [r.label for r in one.predictions] == expected
+    failed = [r.index for r in one.predictions if r.failed]
+    assert failed == [i for i, a in enumerate(answers) if a.startswith("fail") or a == "say:maybe"]
+    assert all("LM down" in one.predictions[i].error for i, a in enumerate(answers) if a.startswith("fail"))
+    assert one.error_count == len(failed) and one.n == len(examples)
+
+
+class _UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no text for you")
+
+
+class _LabelRaises:
+    @property
+    def label(self) -> str:
+        raise KeyError("label")
+
+
+class _StrRaises:
+    def __str__(self) -> str:
+        raise RuntimeError("cannot print")
+
+
+def test_hostile_program_results_are_scored_failures_with_any_thread_count() -> None:
+    behaviours: list[Any] = [
+        lambda: dspy.Prediction(label="yes"),
+        lambda: (_ for _ in ()).throw(_UnprintableError()),  # raises an exception whose str() raises
+        lambda: _LabelRaises(),  # label attribute raising something other than AttributeError
+        lambda: dspy.Prediction(label=_StrRaises()),  # a label object whose str() raises
+        lambda: dspy.Prediction(label="no", raw_label=_StrRaises()),
+        lambda: None,  # no prediction at all
+        lambda: {"label": "yes"},  # a dict, not a prediction
+        lambda: dspy.Prediction(label="yes", error="partial: timed out after the label"),
+        lambda: (_ for _ in ()).throw(TimeoutError("x" * 5000)),
+    ]
+
+    def program(image: dspy.Image, prompt: str) -> Any:
+        return behaviours[int(prompt[1:])]()
+
+    examples = _examples(["yes"] * len(behaviours))
+    one = evaluate(program, examples, task=ALIGNMENT, ci=False)
+    many = evaluate(program, examples, task=ALIGNMENT, num_threads=3, ci=False)
+
+    assert many.to_dict() == one.to_dict()
+    records = one.predictions
+    assert [r.correct for r in records] == [True] + [False] * 6 + [True, False]
+    assert not records[0].failed
+    assert all(r.failed for r in records[1:])  # every odd result is a failed call, none raised
+    assert records[1].error == "_UnprintableError: <unprintable>"
+    assert "without a 'label' field" in records[5].error and "NoneType" in records[5].error
+    assert "without a 'label' field" in records[6].error and "dict" in records[6].error
+    assert records[7].label == "yes" and records[7].error == "partial: timed out after the label"
+    assert len(records[8].error) == 500 and records[8].error.startswith("TimeoutError: xxx")
+    assert one.error_count == len(behaviours) - 1
+
+
+def test_one_thread_runs_in_the_callers_thread_and_context() -> None:
+    seen: list[tuple[int, Any]] = []
+
+    def program(image: dspy.Image, prompt: str) -> dspy.Prediction:
+        seen.append((threading.get_ident(), dspy.settings.lm))
+        return dspy.Prediction(label="yes")
+
+    marker = dspy.utils.DummyLM([])
+    with dspy.context(lm=marker):
+        evaluate(program, _examples(GOLDS), task=ALIGNMENT, ci=False)
+    assert seen == [(threading.get_ident(), marker)] * len(GOLDS)
+
+
+def test_keyboard_interrupt_is_not_swallowed() -> None:
+    def program(image: dspy.Image, prompt: str) -> dspy.Prediction:
+        if prompt == "p2":
+            raise KeyboardInterrupt
+        return dspy.Prediction(label="yes")
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(program, _examples(GOLDS), task=ALIGNMENT, ci=False)
+
+
+@pytest.mark.parametrize("task_name", ["alignment", "preference", "rating", "safety", "compliance"])
+def test_predicted_labels_are_read_exactly_like_task_parse_label(task_name: str) -> None:
+    # evaluate() answers canonical labels from a table; every other value must still go through parse_label.
+    task = Task.load(task_name)
+    values: list[Any] = [*task.labels, *(str(label) for label in task.labels), *(str(x).upper() for x in task.labels)]
+    values += [True, False, 1, 0, 2, 1.0, 3.0, 2.5, -1, 10**30, "1", " 2 ", "Score: 4", "B", "Image A", None, ""]
+    values += [f"**{task.labels[0]}**", f"{task.labels[-1]}.", "maybe", float("nan"), float("inf")]
+
+    images = [_image((i, 0, 0)) for i in range(len(values))]
+    value_of = {id(image): value for image, value in zip(images, values, strict=True)}
+
+    def program(**inputs: Any) -> dspy.Prediction:
+        return dspy.Prediction(label=value_of[id(inputs[task.image_fields[0]])])
+
+    examples = [
+        dspy.Example(
+            **dict.fromkeys(task.image_fields, image), **dict.fromkeys(task.text_fields, "t"), label=task.labels[0]
+        ).with_inputs(*task.input_fields)
+        for image in images
+    ]
+    report = evaluate(program, examples, task=task, ci=False)
+    assert [r.label for r in report.predictions] == [task.parse_label(v) for v in values]
+
+
+def test_gold_labels_are_validated_per_value_and_type() -> None:
+    report = evaluate(lambda **_: dspy.Prediction(label="yes"), _examples(["yes", "1", "YES", "y"]), task=ALIGNMENT)
+    assert [r.gold for r in report.predictions] == ["yes"] * 4
+    with pytest.raises(LabelError, match=r"example 3 \(id='ex3'\): field 'label'"):
+        evaluate(lambda **_: dspy.Prediction(label="yes"), _examples(["yes", 1, "yes", True]), task=ALIGNMENT)

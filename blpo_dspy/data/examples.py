@@ -9,6 +9,8 @@ image root, not empty, not corrupt or truncated, not a decompression bomb) but t
 from __future__ import annotations
 
 import logging
+import numbers
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,17 @@ logger = logging.getLogger(__name__)
 ID_FIELD = "id"
 SHA256_SUFFIX = "_sha256"
 _INTEGRAL = re.compile(r"^[+-]?\d+(?:\.0*)?$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SHOWN_CHARS = 80
+
+
+def shown(value: Any, limit: int = _SHOWN_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for error messages (never raises)."""
+    try:
+        text = repr(value)
+    except Exception:  # a repr that raises, an int too long to print, a structure nested too deeply
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def sha256_field(image_field: str) -> str:
@@ -153,26 +166,38 @@ class ImageChecker:
         if known is not None:  # the same path string in another row (e.g. pairs sharing an image)
             return known
         text = raw.strip().replace("\\", "/")
+        try:
+            os.fsencode(text)
+        except UnicodeError:  # a lone surrogate that is no undecodable file-name byte (e.g. a JSON "\ud800")
+            raise DataError(
+                f"image path {shown(raw)} is not valid Unicode text (lone surrogate)", file=file, row=row, field=column
+            ) from None
         if PurePosixPath(text).is_absolute() or PureWindowsPath(raw.strip()).drive:
             raise DataError(
-                f"image path {raw!r} is absolute; give it relative to the image root",
+                f"image path {shown(raw)} is absolute; give it relative to the image root",
                 file=file,
                 row=row,
                 field=column,
             )
         if ".." in PurePosixPath(text).parts:
             raise DataError(
-                f"image path {raw!r} contains '..'; image paths must stay inside the image root",
+                f"image path {shown(raw)} contains '..'; image paths must stay inside the image root",
                 file=file,
                 row=row,
                 field=column,
             )
         if self._root_resolved is None:
             self._root_resolved = self.root.resolve()
-        resolved = (self._root_resolved / text).resolve()
+        try:
+            resolved = (self._root_resolved / text).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+            reason = "a symlink loop" if isinstance(exc, RuntimeError) else getattr(exc, "strerror", None) or "error"
+            raise DataError(
+                f"image path {shown(raw)} cannot be resolved ({reason})", file=file, row=row, field=column
+            ) from None
         if not resolved.is_relative_to(self._root_resolved):
             raise DataError(
-                f"image path {raw!r} resolves (through a symlink) to a file outside the image root",
+                f"image path {shown(raw)} resolves (through a symlink) to a file outside the image root",
                 file=file,
                 row=row,
                 field=column,
@@ -186,7 +211,7 @@ class ImageChecker:
             digest, _size = check_image_file(resolved, max_pixels=self.max_pixels)
         except ImageFileError as exc:
             message = str(exc).removeprefix(f"{resolved.name}: ")
-            raise DataError(f"image {text!r}: {message}", file=file, row=row, field=column) from exc
+            raise DataError(f"image {shown(text)}: {message}", file=file, row=row, field=column) from exc
         image = LazyImage(resolved, digest)
         self._checked[key] = image
         self._by_raw[raw] = image
@@ -203,8 +228,21 @@ def canonical_label(task: Task, value: Any, *, label_map: Mapping[Any, Any] | No
     unlike the lenient :meth:`Task.parse_label` used for LM outputs.
 
     Raises:
-        LabelError: The value is missing or outside the task's label space.
+        LabelError: The value is missing, outside the task's label space, or of a type no label can have (the
+            message shows the value cut to a short length).
     """
+    try:
+        return _canonical_label(task, value, label_map)
+    except LabelError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # e.g. an int too long for str()
+        raise LabelError(
+            f"label {shown(value)} cannot be read as a label of task '{task.name}' ({type(exc).__name__}; "
+            f"expected {task.label_space_text})"
+        ) from exc
+
+
+def _canonical_label(task: Task, value: Any, label_map: Mapping[Any, Any] | None) -> Label:
     if label_map is not None:
         if _hashable(value) and value in label_map:
             value = label_map[value]
@@ -217,14 +255,20 @@ def canonical_label(task: Task, value: Any, *, label_map: Mapping[Any, Any] | No
         raise LabelError(f"label is missing (NaN) (task '{task.name}' expects {task.label_space_text})")
     if task.kind == "ordinal":
         if isinstance(value, str) and not _INTEGRAL.match(value.strip()):
-            raise LabelError(f"label {value!r} is not an integer ({task.label_space_text})")
+            raise LabelError(f"label {shown(value)} is not an integer ({task.label_space_text})")
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            low, high = min(task.labels), max(task.labels)  # type: ignore[type-var]
+            if not low <= value <= high:  # before validate_label: float() of a huge int overflows
+                raise LabelError(
+                    f"label {shown(value)} is outside the label space of task '{task.name}' ({task.label_space_text})"
+                )
     elif not isinstance(value, bool | int | float):
         spellings = {str(label).lower() for label in task.labels}
         for aliases in task.aliases.values():
             spellings.update(alias.lower() for alias in aliases)
         if str(value).strip().lower() not in spellings:
             raise LabelError(
-                f"label {value!r} is outside the label space of task '{task.name}' ({task.label_space_text})"
+                f"label {shown(value)} is outside the label space of task '{task.name}' ({task.label_space_text})"
             )
     return task.validate_label(value)
 
@@ -268,9 +312,23 @@ def example_from_row(
 
     if columns.id is not None and columns.id in row:
         raw_id = row[columns.id]
-        example_id = "" if raw_id is None else str(raw_id).strip()
+        if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, str | numbers.Number)):
+            raise DataError(
+                f"id must be a string or a number, got {type(raw_id).__name__}",
+                file=file,
+                row=row_number,
+                field=columns.id,
+            )
+        try:
+            example_id = "" if raw_id is None else str(raw_id).strip()
+        except ValueError:  # an int too long to convert to text
+            raise DataError("id is too long a number", file=file, row=row_number, field=columns.id) from None
         if not example_id:
             raise DataError("id is empty", file=file, row=row_number, field=columns.id)
+        if _SURROGATE.search(example_id):
+            raise DataError(
+                "id is not valid Unicode text (lone surrogate)", file=file, row=row_number, field=columns.id
+            )
     else:
         example_id = str(row_number)
 
@@ -296,15 +354,25 @@ def example_from_row(
         if value is None or (isinstance(value, float) and value != value):
             value = ""
         if not isinstance(value, str):
-            if isinstance(value, bool | int | float):
-                value = str(value)
-            else:
+            if not isinstance(value, bool | int | float):
                 raise DataError(
                     f"text must be a string, got {type(value).__name__}", file=file, row=row_number, field=column
                 )
+            try:
+                value = str(value)
+            except ValueError:  # an int too long to convert to text
+                raise DataError("text is too long a number", file=file, row=row_number, field=column) from None
         if not value.strip():
             raise DataError(
                 f"text field '{name}' is empty but task '{task.name}' needs it",
+                file=file,
+                row=row_number,
+                field=column,
+            )
+        surrogate = _SURROGATE.search(value)
+        if surrogate:  # would fail when the request is encoded for the LM
+            raise DataError(
+                f"text is not valid Unicode (lone surrogate U+{ord(surrogate.group()):04X})",
                 file=file,
                 row=row_number,
                 field=column,
@@ -374,7 +442,7 @@ def examples_from_rows(
         if previous != row_number:
             errors.append(
                 DataError(
-                    f"duplicate id {example.id!r} (first used in row {previous})",
+                    f"duplicate id {shown(example.id)} (first used in row {previous})",
                     file=file,
                     row=row_number,
                     field=columns.id if columns.id is not None else ID_FIELD,

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 CSV_SUFFIXES = (".csv", ".tsv")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _BAD_BYTES = re.compile("[\udc80-\udcff]")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of lists/objects accepted in a JSONL field value (manifest fields are flat)."""
 
 
 def load_manifest(
@@ -78,7 +81,7 @@ def load_manifest(
         ValueError: Unknown suffix, or column arguments that do not fit the task.
     """
     path = Path(path)
-    display = path.name
+    display = _printable(path.name)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {display}")
     columns = ColumnMap.for_task(
@@ -200,13 +203,17 @@ def read_csv_rows(
 def read_jsonl_rows(path: Path, *, display: str) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
     """Read a UTF-8 JSONL file: one JSON object per line, numbered from 1 (blank lines skipped).
 
+    Lines are separated by ``\\n`` only (``\\r\\n`` works too): a JSON string may hold U+2028, U+0085 and other
+    characters that ``str.splitlines`` would break a line at.
+
     Yields:
-        ``(row_number, object)``, or ``(row_number, DataError)`` for a line that is not a JSON object or holds
-        bytes that are not UTF-8.
+        ``(row_number, object)``, or ``(row_number, DataError)`` for a line that is not a JSON object, holds bytes
+        that are not UTF-8 or lone surrogates (``"\\ud800"``), or nests values more than
+        :data:`MAX_JSON_DEPTH` levels deep.
     """
     text = _read_text(path, display)
     number = 0
-    for line in text.splitlines():
+    for line in text.split("\n"):
         if not line.strip():
             continue
         number += 1
@@ -215,6 +222,12 @@ def read_jsonl_rows(path: Path, *, display: str) -> Iterator[tuple[int, dict[str
         except json.JSONDecodeError as exc:
             problem = "not valid UTF-8" if _BAD_BYTES.search(line) else f"not valid JSON ({exc.msg})"
             yield number, DataError(problem, file=display, row=number, field=None)
+            continue
+        except RecursionError:
+            yield number, DataError("JSON nested too deeply", file=display, row=number, field=None)
+            continue
+        except ValueError:  # an integer literal longer than Python converts (4300 digits)
+            yield number, DataError("not valid JSON (a number is too long)", file=display, row=number, field=None)
             continue
         if not isinstance(value, dict):
             yield (
@@ -226,13 +239,49 @@ def read_jsonl_rows(path: Path, *, display: str) -> Iterator[tuple[int, dict[str
             continue
         try:
             for key, item in value.items():
-                _check_utf8(key, file=display, row=number, field=key)
-                if isinstance(item, str):
-                    _check_utf8(item, file=display, row=number, field=key)
+                _check_json_text(key, line, file=display, row=number, field=key)
+                _check_json_value(item, line, file=display, row=number, field=key)
         except DataError as exc:
             yield number, exc
             continue
         yield number, value
+
+
+def _check_json_value(value: Any, line: str, *, file: str, row: int, field: str) -> None:
+    """Check every string (and key) inside one field's value, without recursion, and its nesting depth."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_json_text(item, line, file=file, row=row, field=field)
+        elif isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise DataError(
+                    f"value is nested more than {MAX_JSON_DEPTH} levels deep", file=file, row=row, field=field
+                )
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    _check_json_text(key, line, file=file, row=row, field=field)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _check_json_text(text: str, line: str, *, file: str, row: int, field: str) -> None:
+    """Refuse undecodable bytes (kept as U+DC80..U+DCFF by the reader) and lone-surrogate escapes such as
+    ``"\\ud800"``, which Python accepts in JSON but no file name, LM request or log line can encode."""
+    match = _SURROGATES.search(text)
+    if match is None:
+        return
+    if _BAD_BYTES.fullmatch(match.group()) and match.group() in line:  # a raw byte, not an escape
+        _check_utf8(text, file=file, row=row, field=field)  # raises, naming the byte
+    raise DataError(
+        f"text holds a lone surrogate (U+{ord(match.group()):04X}, e.g. a \\u{ord(match.group()):04x} escape), "
+        "which is not valid Unicode",
+        file=file,
+        row=row,
+        field=_printable(field),
+    )
 
 
 def _read_text(path: Path, display: str) -> str:
@@ -255,5 +304,8 @@ def _check_utf8(text: str, *, file: str, row: int, field: str | None) -> None:
 
 
 def _printable(text: str) -> str:
-    """``text`` with undecodable bytes shown as U+FFFD, so it can be printed and logged."""
-    return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    """``text`` with undecodable bytes and lone surrogates shown as U+FFFD, so it can be printed and logged."""
+    try:
+        return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    except UnicodeEncodeError:  # a lone surrogate outside U+DC80..U+DCFF (a JSON "\ud800" escape, say)
+        return _SURROGATES.sub("\ufffd", text)

@@ -19,7 +19,10 @@ reaching it stops the search with the best validated program so far.
 OPRO and APO-image optimize the judge instruction p only; the I2T instruction stays the seed's (it matters only
 when the judge reads verbalizations). Each outer step proposes ``proposals_per_step`` instructions, scores each on
 the train split, and validates the step's best on the valset if it is not worse than the incumbent on train; the
-incumbent is replaced when the validation metric does not drop (as in BLPO's guarded selection).
+incumbent is replaced when the validation metric does not drop (as in BLPO's guarded selection). They make their LM
+calls through BLPO's call layer (:class:`~blpo_dspy.teleprompt.calls.ProgramCalls`: budgeted, single-flight, with
+a journal in a temporary directory), so no judge or verbalizer call is made twice; ``cache_path`` shares the
+verbalization cache between compiles. A failed call is a scored failure, never an exception.
 """
 
 from __future__ import annotations
@@ -27,27 +30,24 @@ from __future__ import annotations
 import logging
 import random
 import sys
-import threading
-import time
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import dspy
 from dspy.teleprompt import Teleprompter
-from dspy.utils.parallelizer import ParallelExecutor
 
 from blpo_dspy.budget import ROLES, TOTAL, BudgetExhaustedError, UsageLedger, normalise_caps
-from blpo_dspy.images import image_sha256
-from blpo_dspy.metrics import METRICS, corpus_scores, primary_metric
-from blpo_dspy.modules import Judge
+from blpo_dspy.cache import CallJournal, VerbalizationCache
+from blpo_dspy.metrics import METRICS, corpus_value, primary_metric
 from blpo_dspy.task import Label, Task
 from blpo_dspy.teleprompt.blpo import BLPO
 from blpo_dspy.teleprompt.builtins import LMCallCounter, empty_usage
-from blpo_dspy.teleprompt.calls import JudgeRecord
+from blpo_dspy.teleprompt.calls import Candidate, JudgeRecord, ProgramCalls
 from blpo_dspy.teleprompt.errors import BalancedSampler, BatchSampler
 from blpo_dspy.teleprompt.proposers import (
     ErrorCase,
-    clean_instruction,
     render_errors,
     render_history,
     render_tried,
@@ -242,9 +242,8 @@ def _resolve_metric(task: Task, metric: str | Callable[..., Any]) -> tuple[str, 
     METRICS[name].check(task)
 
     def corpus(task: Task, examples: Sequence[dspy.Example], labels: Sequence[Label | None]) -> float:
-        gold = [example.label for example in examples]
-        value = corpus_scores(task, gold, list(labels), metrics=[name], ci=False)[name].value
-        return float(value) if value == value else 0.0  # an undefined metric (nan) scores 0
+        value = corpus_value(task, name, examples, labels)
+        return value if value == value else 0.0  # an undefined metric (nan) scores 0
 
     return name, corpus
 
@@ -262,17 +261,20 @@ class _JudgeInstructionSearch(Teleprompter):
         num_threads: int = 8,
         seed: int = 0,
         max_calls: int | Mapping[str, int] | None = None,
+        cache_path: str | Path | None = None,
     ) -> None:
         super().__init__()
         if proposer_lm is None:
             raise ValueError(f"{type(self).__name__} needs a proposer_lm")
         if not (isinstance(metric, str) or callable(metric)):
             raise TypeError(f"metric must be a metric name or a callable, got {type(metric).__name__}")
-        for name, value, low in (("outer_steps", outer_steps, 0), ("proposals_per_step", proposals_per_step, 1)):
+        for name, value, low in (
+            ("outer_steps", outer_steps, 0),
+            ("proposals_per_step", proposals_per_step, 1),
+            ("num_threads", num_threads, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
         normalise_caps(max_calls)
         self.metric = metric
         self.proposer_lm = proposer_lm
@@ -281,6 +283,7 @@ class _JudgeInstructionSearch(Teleprompter):
         self.num_threads = num_threads
         self.seed = seed
         self.max_calls = max_calls
+        self.cache_path = cache_path
 
     def compile(
         self,
@@ -316,9 +319,16 @@ class _JudgeInstructionSearch(Teleprompter):
             logger.warning("no valset given: selection uses the trainset (scores will be optimistic)")
             valset = trainset
         self._check_ready()
-        search = _Search(self, student, list(trainset), list(valset))
-        with search.counter.active():
-            return search.run()
+        train = list(trainset)
+        val = train if valset is trainset else list(valset)
+        with tempfile.TemporaryDirectory(prefix="blpo-search-") as tmp:
+            search = _Search(self, student, train, val, Path(tmp))
+            try:
+                with search.counter.active():
+                    return search.run()
+            finally:  # release this thread's SQLite handles before the directory goes
+                search.journal.store.close()
+                search.vcache.store.close()
 
     # hooks
     def _check_ready(self) -> None:
@@ -328,38 +338,47 @@ class _JudgeInstructionSearch(Teleprompter):
         raise NotImplementedError
 
 
-class _Search:
-    """State of one OPRO / APO-image compile: budgeted, memoized judge, verbalizer and proposer calls."""
+class _Search(ProgramCalls):
+    """One OPRO / APO-image compile: the loop over :class:`ProgramCalls` (journaled, cached, budgeted LM calls).
+
+    The journal lives in ``store`` (a temporary directory of the compile); the verbalization cache too, unless the
+    optimizer has a ``cache_path`` (share it between compiles to share verbalizations).
+    """
 
     def __init__(
-        self, opt: _JudgeInstructionSearch, student: dspy.Module, trainset: list[Any], valset: list[Any]
+        self, opt: _JudgeInstructionSearch, student: dspy.Module, trainset: list[Any], valset: list[Any], store: Path
     ) -> None:
-        self.opt = opt
-        self.student = student
-        self.task: Task = student.task
-        self.judge_sees: str = getattr(student, "judge_sees", "image")
-        self.trainset = trainset
-        self.valset = valset
-        self.judge_lm = getattr(student, "judge_lm", None) or dspy.settings.lm
-        self.verbalizer_lm = getattr(student, "verbalizer_lm", None) or dspy.settings.lm
-        if self.judge_lm is None:
+        judge_lm = getattr(student, "judge_lm", None) or dspy.settings.lm
+        verbalizer_lm = getattr(student, "verbalizer_lm", None) or dspy.settings.lm
+        judge_sees: str = getattr(student, "judge_sees", "image")
+        if judge_lm is None:
             raise ValueError("no LM for the judge: give the program a judge_lm or call dspy.configure(lm=...)")
-        if self.judge_sees != "image" and self.verbalizer_lm is None:
+        if judge_sees != "image" and verbalizer_lm is None:
             raise ValueError(
                 "no LM for the verbalizer: give the program a verbalizer_lm or call dspy.configure(lm=...)"
             )
+        super().__init__(
+            task=student.task,
+            judge_sees=judge_sees,
+            verbalizer_lm=verbalizer_lm,
+            judge_lm=judge_lm,
+            proposer_lm=opt.proposer_lm,
+            ledger=UsageLedger(opt.max_calls),
+            journal=CallJournal(store / "cache.sqlite"),
+            vcache=VerbalizationCache(Path(opt.cache_path) if opt.cache_path else store / "cache.sqlite"),
+            num_threads=opt.num_threads,
+        )
+        self.opt = opt
+        self.student = student
+        self.trainset = trainset
+        self.valset = valset
         self.metric_name, self._metric = _resolve_metric(self.task, opt.metric)
-        self.q = student.verbalizer.instruction
-        self.ledger = UsageLedger(opt.max_calls)
+        self.q: str = student.verbalizer.instruction
         self.counter = LMCallCounter()
         self.history: list[dict[str, Any]] = []
         self.scored: list[tuple[str, float]] = []  # (judge instruction, train score), every distinct proposal
-        self.incumbent = student.judge.instruction
-        self._lock = threading.Lock()
-        self._judges: dict[str, Judge] = {}
-        self._records: dict[tuple[str, int], JudgeRecord] = {}
-        self._descriptions: dict[tuple[str, str], str] = {}
-        self._verbalizer = dspy.Predict(self.task.verbalizer_signature(self.q))
+        self.incumbent: str = student.judge.instruction
+        self._split_records: dict[tuple[int, str], list[JudgeRecord]] = {}
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dspy.Module:
@@ -446,93 +465,36 @@ class _Search:
         )
         return program
 
-    # ------------------------------------------------------------------ calls
-    def score(self, examples: Sequence[dspy.Example], p: str) -> float:
-        """The corpus metric of judge instruction ``p`` on ``examples``."""
+    # ------------------------------------------------------------------ scoring
+    def score(self, examples: list[dspy.Example], p: str) -> float:
+        """The corpus metric of judge instruction ``p`` on ``examples`` (the train or the validation split)."""
         return self._metric(self.task, examples, [r.label for r in self.records(examples, p)])
 
-    def records(self, examples: Sequence[dspy.Example], p: str) -> list[JudgeRecord]:
-        """Judge outcomes under ``p`` (memoized), in parallel; raises ``BudgetExhaustedError`` when the cap is hit."""
-        if not examples:
-            return []
-        executor = ParallelExecutor(
-            num_threads=min(self.opt.num_threads, len(examples)),
-            disable_progress_bar=True,
-            max_errors=len(examples) + 1,
-        )
-        results = executor.execute(lambda example: self._judge(example, p), list(examples))
-        if self.ledger.exhausted:
-            raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})")
-        return [r if isinstance(r, JudgeRecord) else JudgeRecord(label=None, error="internal error") for r in results]
+    def records(self, examples: list[dspy.Example], p: str) -> list[JudgeRecord]:
+        """Judge outcomes of (seed q, ``p``) on a split, in parallel; raises ``BudgetExhaustedError`` at the cap.
 
-    def _judge(self, example: dspy.Example, p: str) -> JudgeRecord:
-        memo = (p, id(example))
-        with self._lock:
-            if memo in self._records:
-                return self._records[memo]
-        descriptions: dict[str, str] = {}
-        if self.judge_sees in ("text", "both"):
-            verbalized = self._describe(example)
-            if verbalized is None:
-                return JudgeRecord(label=None, error="budget", budget=True)
-            if isinstance(verbalized, str):
-                return JudgeRecord(label=None, error=verbalized)
-            descriptions = verbalized
-        if not self.ledger.acquire("judge"):
-            return JudgeRecord(label=None, error="budget", budget=True)
-        with self._lock:
-            judge = self._judges.setdefault(p, Judge(self.task, self.judge_sees, instruction=p))  # type: ignore[arg-type]
-        inputs = {name: example[name] for name in self.task.input_fields}
-        with dspy.context(lm=self.judge_lm):
-            result = judge(**inputs, **descriptions)
-        if result.label is None:
-            self.ledger.record_failure("judge")
-        record = JudgeRecord(result.label, result.raw_label, result.rationale, result.error, descriptions)
-        with self._lock:
-            self._records[memo] = record
-        return record
+        A split is judged once per instruction: a later request (APO-image's error sampling, the validation of a
+        search without valset) reuses the outcomes it was scored with, failures included.
+        """
+        key = (id(examples), p)
+        if key not in self._split_records:
+            self._split_records[key] = self.predict_many(examples, Candidate(verbalizer=self.q, judge=p))
+        return self._split_records[key]
 
-    def _describe(self, example: dspy.Example) -> dict[str, str] | str | None:
-        """Verbalizations under the fixed q; ``None`` when the budget ran out, an error text on failure."""
-        out: dict[str, str] = {}
-        texts = {name: str(example.get(name, "")) for name in self.task.text_fields}
-        for image_field, desc_field in zip(self.task.image_fields, self.task.description_fields, strict=True):
-            image = example[image_field]
-            memo = (example.get(f"{image_field}_sha256") or image_sha256(image), repr(sorted(texts.items())))
-            with self._lock:
-                cached = self._descriptions.get(memo)
-            if cached is None:
-                if not self.ledger.acquire("verbalizer"):
-                    return None
-                try:
-                    with dspy.context(lm=self.verbalizer_lm):
-                        cached = self._verbalizer(image=image, **texts).description
-                except Exception as exc:
-                    self.ledger.record_failure("verbalizer")
-                    return f"verbalizer: {type(exc).__name__}: {exc}"[:500]
-                with self._lock:
-                    self._descriptions[memo] = cached
-            out[desc_field] = cached
-        return out
+    def propose(self, kind: str, signature: type[dspy.Signature], **inputs: Any) -> str | None:
+        """One proposer call (see :meth:`ProgramCalls.propose`); ``None`` on failure.
 
-    def propose(self, signature: type[dspy.Signature], **inputs: Any) -> str | None:
-        """One proposer call; ``None`` on failure; raises ``BudgetExhaustedError`` when the cap is hit."""
-        if not self.ledger.acquire("proposer"):
-            raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})")
-        began = time.perf_counter()
+        An input that cannot be read (an error image whose file vanished or changed on disk) fails the proposal
+        like any failed call (charged and counted as a failure) instead of ending the search.
+        """
         try:
-            with dspy.context(lm=self.opt.proposer_lm):
-                answer = dspy.Predict(signature)(**inputs).new_instruction
-        except Exception as exc:
+            return super().propose(kind, signature, **inputs)
+        except ValueError as exc:  # raised while keying the inputs (images are read for their content), no call made
+            if not self.ledger.acquire("proposer"):
+                raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})") from exc
             self.ledger.record_failure("proposer")
-            logger.warning("%s proposal failed: %s", type(self.opt).__name__, exc)
+            logger.warning("%s proposal failed: %s", kind, exc)
             return None
-        finally:
-            self.ledger.record_time("proposer", time.perf_counter() - began)
-        text = clean_instruction(answer)
-        if text is None:
-            self.ledger.record_failure("proposer")
-        return text
 
 
 class _NoErrorsLeftError(Exception):
@@ -554,10 +516,13 @@ class OPRO(_JudgeInstructionSearch):
         num_threads: Parallel judge calls.
         seed: Accepted for a uniform interface (OPRO's loop has no random choice of its own).
         max_calls: Hard cap on LM calls (int total or per-role mapping).
+        cache_path: SQLite verbalization cache to use (share one file between compiles to share
+            verbalizations); defaults to a temporary one per compile.
     """
 
     def _propose(self, search: _Search, step: int, index: int) -> str | None:
         return search.propose(
+            f"opro:{step}:{index}",
             OPROProposal,
             task_description=task_description(search.task),
             scored_instructions=render_history(search.scored),
@@ -585,6 +550,8 @@ class APOImage(_JudgeInstructionSearch):
         seed: Seed of the error sampling.
         max_calls: Hard cap on LM calls (int total or per-role mapping).
         error_sampler: Policy for the error batch (default: balanced over (gold, predicted)).
+        cache_path: SQLite verbalization cache to use (share one file between compiles to share
+            verbalizations); defaults to a temporary one per compile.
 
     Raises:
         ValueError: The proposer is (or may be) text-only.
@@ -604,6 +571,7 @@ class APOImage(_JudgeInstructionSearch):
         seed: int = 0,
         max_calls: int | Mapping[str, int] | None = None,
         error_sampler: BatchSampler | None = None,
+        cache_path: str | Path | None = None,
     ) -> None:
         super().__init__(
             metric,
@@ -613,6 +581,7 @@ class APOImage(_JudgeInstructionSearch):
             num_threads=num_threads,
             seed=seed,
             max_calls=max_calls,
+            cache_path=cache_path,
         )
         for name, value in (("error_batch_size", error_batch_size), ("max_images_per_call", max_images_per_call)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -670,6 +639,7 @@ class APOImage(_JudgeInstructionSearch):
         search.history[-1]["images_shown"] = len(images)
         tried = [text for text, _ in search.scored]
         return search.propose(
+            f"apo-image:{step}:{index}",
             ImageErrorProposal,
             task_description=task_description(task),
             current_instruction=search.incumbent,

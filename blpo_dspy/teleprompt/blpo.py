@@ -38,7 +38,7 @@ from blpo_dspy.teleprompt.proposers import (
     render_tried,
     task_description,
 )
-from blpo_dspy.teleprompt.selection import INCUMBENT_ID, OptunaSelector, import_optuna, rung_sizes
+from blpo_dspy.teleprompt.selection import INCUMBENT_ID, OptunaSelector, import_optuna, open_storage, rung_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -436,6 +436,8 @@ class _Run(ProgramCalls):
         best_val: float | None = None
         stop_reason = "outer_steps"
         self._log_preflight()
+        if self.opt.allow_workers:  # create the study schema before state.json tells workers the run exists
+            open_storage(self.study_storage)
         self.save_state("running", incumbent, None)
         bar = _progress(opt.progress, total=opt.outer_steps, desc="BLPO outer", position=0)
         try:

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,30 @@ def import_optuna() -> Any:
         raise
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
+
+
+_STORAGES: dict[str, Any] = {}
+_STORAGES_LOCK = threading.Lock()
+SQLITE_TIMEOUT_S = 60.0
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """One Optuna storage object per URL and process.
+
+    Building an ``RDBStorage`` runs schema checks against the database; doing it once per process (rather than on
+    every ``load_study(storage=url)``) keeps processes that share a SQLite file from racing on them. SQLite
+    connections wait up to ``SQLITE_TIMEOUT_S`` for a lock instead of failing with "database is locked".
+    """
+    optuna = import_optuna()
+    with _STORAGES_LOCK:
+        if url not in _STORAGES:
+            if url.startswith("sqlite:"):
+                _STORAGES[url] = optuna.storages.RDBStorage(
+                    url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+                )
+            else:
+                _STORAGES[url] = optuna.storages.get_storage(url)
+        return _STORAGES[url]
 
 
 def rung_sizes(n: int, n_rungs: int) -> list[int]:
@@ -166,14 +191,15 @@ class OptunaSelector:
         """
         optuna = import_optuna()
         name = self.study_name(round_index)
-        if self.storage is not None:
+        storage = open_storage(self.storage) if self.storage is not None else None
+        if storage is not None:
             try:  # a resumed run replays the round from the journal
-                optuna.delete_study(study_name=name, storage=self.storage)
+                optuna.delete_study(study_name=name, storage=storage)
             except KeyError:
                 pass
         study = optuna.create_study(
             study_name=name,
-            storage=self.storage,
+            storage=storage,
             direction="maximize",
             sampler=optuna.samplers.TPESampler(seed=self.seed * 1000 + round_index),
             pruner=make_pruner(self.pruner_factory, sizes[0]),

@@ -30,7 +30,15 @@ from blpo_dspy.budget import UsageLedger
 from blpo_dspy.cache import CallJournal, VerbalizationCache, content_key, lm_identity
 from blpo_dspy.metrics import corpus_value
 from blpo_dspy.teleprompt.calls import Candidate, JudgeRecord, ProgramCalls
-from blpo_dspy.teleprompt.selection import PARAM, ROUND_ATTR, claim_waiting_trial, climb, import_optuna, make_pruner
+from blpo_dspy.teleprompt.selection import (
+    PARAM,
+    ROUND_ATTR,
+    claim_waiting_trial,
+    climb,
+    import_optuna,
+    make_pruner,
+    open_storage,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -124,7 +132,7 @@ class SelectionWorker:
             state = self._state()
             if state is not None:
                 self._check_identity(state)
-            did = self._serve_waiting(optuna, report)
+            did = state is not None and self._serve_waiting(optuna, report)  # the compile creates the storage first
             if did:
                 idle_since = time.monotonic()
                 continue
@@ -175,13 +183,14 @@ class SelectionWorker:
 
     def _serve_waiting(self, optuna: Any, report: WorkerReport) -> bool:
         try:
-            names = [n for n in optuna.get_all_study_names(storage=self.storage) if "-round-" in n]
+            storage = open_storage(self.storage)
+            names = [n for n in optuna.get_all_study_names(storage=storage) if "-round-" in n]
         except Exception as exc:  # the storage may not exist yet
             logger.debug("no study storage yet: %s", exc)
             return False
         for study_name in names:
             try:
-                study = optuna.load_study(study_name=study_name, storage=self.storage)
+                study = optuna.load_study(study_name=study_name, storage=storage)
                 info = study.user_attrs.get(ROUND_ATTR)
                 if not info or not info.get("open"):
                     continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from blpo_dspy.data import DataError, canonical_label, load_manifest
+from blpo_dspy.data.manifest import MAX_JSON_DEPTH
 from blpo_dspy.images import LazyImage
 from blpo_dspy.task import LabelError
 
@@ -395,3 +397,148 @@ def test_an_explicitly_named_id_column_must_exist(images: Path, alignment, write
     err = _load_error(manifest, alignment, id_column="uid")
     assert_names(err, file="m.csv", row=0, field="uid")
     assert [e.id for e in load_manifest(manifest, alignment, id_column=None)] == ["1"]
+
+
+# ---------------------------------------------------------------------------------------------- regressions (fuzzing)
+
+
+def _jsonl_bytes(*lines: str) -> bytes:
+    return "\n".join(lines).encode("utf-8", errors="surrogatepass")
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(images: Path, alignment) -> None:
+    # str.splitlines() used to cut these lines at U+2028 / U+0085 / VT inside the JSON strings.
+    prompt = "two\u2028lines\u0085and\x0ba\x1cfile separator"
+    row = json.dumps({"image": "red.png", "prompt": prompt, "label": "yes"}, ensure_ascii=False)
+    manifest = images / "seps.jsonl"
+    manifest.write_bytes(_jsonl_bytes(row, row.replace("red.png", "blue.png")) + b"\r\n")
+
+    examples = load_manifest(manifest, alignment)
+
+    assert [e.prompt for e in examples] == [prompt, prompt] and [e.id for e in examples] == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"image": "red.png", "prompt": "p", "label": ' + "1" * 5000 + "}", "a number is too long"),
+        ('{"a": ' * 3000 + "1" + "}" * 3000, "nested too deeply"),
+    ],
+    ids=["int-over-4300-digits", "nesting-beyond-recursion-limit"],
+)
+def test_jsonl_lines_python_cannot_parse_are_row_errors(images: Path, alignment, assert_names, line, problem) -> None:
+    # json.loads raised ValueError / RecursionError here, escaping as a crash instead of a DataError.
+    good = json.dumps({"image": "red.png", "prompt": "p", "label": "yes"})
+    manifest = images / "huge.jsonl"
+    manifest.write_bytes(_jsonl_bytes(good, line))
+    err = _load_error(manifest, alignment)
+    assert_names(err, file="huge.jsonl", row=2, field=None)
+    assert problem in str(err) and len(str(err)) < 200
+
+
+def test_jsonl_values_nested_too_deeply_name_the_key(images: Path, alignment, assert_names) -> None:
+    deep: list = []
+    for _ in range(MAX_JSON_DEPTH):
+        deep = [deep]  # MAX_JSON_DEPTH + 1 levels
+    manifest = images / "deep.jsonl"
+    manifest.write_text(json.dumps({"image": "red.png", "prompt": "p", "label": "yes", "meta": deep}) + "\n")
+    err = _load_error(manifest, alignment)
+    assert_names(err, file="deep.jsonl", row=1, field="meta")
+    assert f"nested more than {MAX_JSON_DEPTH} levels" in str(err)
+    manifest.write_text(json.dumps({"image": "red.png", "prompt": "p", "label": "yes", "meta": deep[0]}) + "\n")
+    assert len(load_manifest(manifest, alignment)) == 1  # exactly the limit is fine
+
+
+@pytest.mark.parametrize("field", ["image", "prompt", "label", "id", "meta"])
+def test_jsonl_lone_surrogate_escapes_are_refused_naming_the_key(images: Path, alignment, assert_names, field) -> None:
+    # "\ud800" is valid JSON but no valid text: it crashed os.stat (image) or would crash the LM request (prompt).
+    row = {"id": "a", "image": "red.png", "prompt": "p", "label": "yes", field: "x\ud800.png"}
+    manifest = images / "surrogate.jsonl"
+    manifest.write_text(json.dumps(row) + "\n", encoding="utf-8")  # ensure_ascii: written as the escape \ud800
+    err = _load_error(manifest, alignment)
+    assert_names(err, file="surrogate.jsonl", row=1, field=field)
+    assert "lone surrogate" in str(err)
+    str(err).encode("utf-8")
+
+
+def test_non_utf8_bytes_nested_in_a_jsonl_value_name_the_key(images: Path, alignment, assert_names) -> None:
+    manifest = images / "nested.jsonl"
+    manifest.write_bytes(b'{"image": "red.png", "prompt": "p", "label": "yes", "tags": ["ok", {"k": "caf\xe9"}]}\n')
+    err = _load_error(manifest, alignment)
+    assert_names(err, file="nested.jsonl", row=1, field="tags")
+    assert "not UTF-8 (byte 0xE9)" in str(err)
+
+
+@pytest.mark.parametrize("value", [[1, 2], {"id": 1}, True])
+def test_jsonl_id_must_be_a_string_or_a_number(images: Path, alignment, assert_names, value) -> None:
+    # A list used to become the id "[1, 2]".
+    manifest = images / "ids.jsonl"
+    manifest.write_text(json.dumps({"id": value, "image": "red.png", "prompt": "p", "label": "yes"}) + "\n")
+    err = _load_error(manifest, alignment)
+    assert_names(err, file="ids.jsonl", row=1, field="id")
+    assert f"got {type(value).__name__}" in str(err)
+    manifest.write_text(json.dumps({"id": 7, "image": "red.png", "prompt": "p", "label": "yes"}) + "\n")
+    assert [e.id for e in load_manifest(manifest, alignment)] == ["7"]
+
+
+def test_ordinal_label_too_large_for_a_float_is_a_label_error(images: Path, rating, assert_names) -> None:
+    # float(10**400) raised OverflowError inside Task.validate_label.
+    manifest = images / "big.jsonl"
+    manifest.write_text(json.dumps({"image": "red.png", "prompt": "p", "label": 10**400}) + "\n")
+    err = _load_error(manifest, rating)
+    assert_names(err, file="big.jsonl", row=1, field="label")
+    assert "outside the label space" in str(err) and len(str(err)) < 250
+    with pytest.raises(LabelError, match="outside the label space"):
+        canonical_label(rating, -(10**400))
+
+
+def test_label_too_long_to_print_is_a_label_error(alignment, rating) -> None:
+    huge = 10**5000  # str() refuses ints over 4300 digits (possible from in-memory rows such as HF datasets)
+    for task in (alignment, rating):
+        with pytest.raises(LabelError) as info:
+            canonical_label(task, huge)
+        assert "<int>" in str(info.value)
+
+
+def test_error_messages_cut_long_values(images: Path, alignment, write_csv) -> None:
+    err = _load_error(_manifest_with(images, write_csv, "images/red.png", label="n" * 5000), alignment)
+    assert "nnnn" in str(err) and len(str(err)) < 300
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_symlink_loop_is_a_data_error(images: Path, alignment, assert_names, suffix) -> None:
+    # Path.resolve() raised RuntimeError("Symlink loop") on Python < 3.13.
+    (images / "loop.png").symlink_to(images / "loop.png")
+    (images / "ping.png").symlink_to(images / "pong.png")
+    (images / "pong.png").symlink_to(images / "ping.png")
+    manifest = images / f"loops.{suffix}"
+    rows = [("red.png", "yes"), ("loop.png", "yes"), ("ping.png", "no")]
+    if suffix == "csv":
+        manifest.write_text("image,prompt,label\n" + "".join(f"{i},p,{lab}\n" for i, lab in rows), encoding="utf-8")
+    else:
+        manifest.write_text("".join(json.dumps({"image": i, "prompt": "p", "label": lab}) + "\n" for i, lab in rows))
+    err = _load_error(manifest, alignment)
+    assert [(e.row, e.field) for e in err.errors] == [(2, "image"), (3, "image")]
+    assert_names(err.errors[0], file=f"loops.{suffix}", row=2, field="image")
+    assert "symlink loop" in str(err)
+
+
+def test_manifest_name_with_undecodable_bytes_is_printable(tmp_path: Path, make_image, alignment) -> None:
+    make_image(tmp_path / "red.png")
+    manifest = tmp_path / os.fsdecode(b"caf\xe9.csv")
+    manifest.write_text("image,prompt,label\nred.png,p,maybe\n", encoding="utf-8")
+    err = _load_error(manifest, alignment)
+    assert err.file == "caf\ufffd.csv"
+    str(err).encode("utf-8")
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["escaped", "raw-bytes"])
+def test_jsonl_key_that_is_no_valid_text_is_named_printably(images: Path, alignment, raw: bool) -> None:
+    # _printable() raised UnicodeEncodeError for a "\ud800" key (only U+DC80..U+DCFF survive surrogateescape).
+    row = json.dumps({"image": "red.png", "prompt": "p", "label": "yes", "\ud800k": 1}, ensure_ascii=not raw)
+    manifest = images / "key.jsonl"
+    manifest.write_bytes(row.encode("utf-8", errors="surrogatepass") + b"\n")
+    err = _load_error(manifest, alignment)
+    assert (err.row, err.field is not None) == (1, True)
+    assert err.field.strip("\ufffd") == "k" and "\ufffd" in err.field
+    str(err).encode("utf-8")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from pathlib import Path
 from typing import Any
 
 import dspy
 import pytest
 
+from blpo_dspy.cache import VerbalizationCache
 from blpo_dspy.evaluation import evaluate
+from blpo_dspy.images import LazyImage
 from blpo_dspy.modules import ImageJudge
 from blpo_dspy.teleprompt import BLPO
 from blpo_dspy.teleprompt.baselines import (
@@ -238,3 +241,97 @@ def test_apo_image_shows_the_error_images_and_blpo_never_does() -> None:
 
 def _png_bytes(image: dspy.Image) -> bytes:
     return base64.b64decode(image.url.split(",", 1)[1])
+
+
+# ---------------------------------------------------------------------------------------------- the call layer
+def _call_key(call: ScriptedCall) -> tuple[Any, ...]:
+    """Everything a judge or verbalizer call depends on: instruction, text inputs and image bytes."""
+    images = tuple(sorted((name, tuple(_sha(data) for data in parts)) for name, parts in call.images.items()))
+    return call.instructions, tuple(sorted(call.inputs.items())), images
+
+
+def test_opro_never_repeats_a_judge_or_verbalizer_call() -> None:
+    world = CountingWorld()
+    # the third proposal repeats an instruction already scored; no valset: validation reuses the train judgments
+    world.engine.rules.insert(0, _opro_proposer(["Judge the colours.", NUMBER_RULE, "Judge the colours."]))
+    lm = world.lm
+    train, _, _ = _data(world)
+    # the judge sees image and description, so a call's content identifies its example
+    student = ImageJudge(world.task, judge_sees="both", verbalizer_lm=lm, judge_lm=lm).with_instructions(
+        verbalizer=COUNTING_Q
+    )
+    compiled = OPRO(proposer_lm=lm, outer_steps=3, proposals_per_step=1, num_threads=4).compile(student, trainset=train)
+    judge_keys = [_call_key(call) for call in world.engine.calls_for("judge")]
+    verbalizer_keys = [_call_key(call) for call in world.engine.calls_for("verbalizer")]
+    assert len(judge_keys) == len(set(judge_keys))
+    assert len(verbalizer_keys) == len(set(verbalizer_keys)) == len(train)  # each image once, under the seed q
+    assert {call.instructions for call in world.engine.calls_for("verbalizer")} == {COUNTING_Q}
+    # seed, "Judge the colours." and the number rule are each judged once on train; the duplicate is not judged
+    assert len(judge_keys) == 3 * len(train)
+    assert [h["duplicate"] for h in compiled.history_] == [False, False, True]
+    assert compiled.charged_calls_ == len(world.engine.calls) == compiled.usage_["total"]["calls"]
+
+
+def test_opro_compiles_sharing_a_cache_path_share_verbalizations(tmp_path: Path) -> None:
+    cache = tmp_path / "verbalizations.sqlite"
+    results = []
+    for _ in range(2):
+        world = CountingWorld()
+        world.engine.rules.insert(0, _opro_proposer(["Judge the colours.", NUMBER_RULE]))
+        lm = world.lm
+        train, val, _ = _data(world)
+        student = ImageJudge(world.task, judge_sees="text", verbalizer_lm=lm, judge_lm=lm).with_instructions(
+            verbalizer=COUNTING_Q
+        )
+        opt = OPRO(proposer_lm=lm, outer_steps=2, proposals_per_step=1, num_threads=4, cache_path=cache)
+        results.append((world, opt.compile(student, trainset=train, valset=val)))
+    (first_world, first), (second_world, second) = results
+    assert first_world.engine.count("verbalizer") == len(train) + len(val) == len(VerbalizationCache(cache))
+    assert second_world.engine.count("verbalizer") == 0 and second.usage_["verbalizer"]["calls"] == 0
+    assert second_world.engine.count("judge") == first_world.engine.count("judge")
+    assert second.best_instructions_ == first.best_instructions_ == {"verbalizer": COUNTING_Q, "judge": NUMBER_RULE}
+    assert [h["train_score"] for h in second.history_] == [h["train_score"] for h in first.history_]
+
+
+def test_apo_image_judges_each_split_once_per_instruction_and_scores_failed_calls() -> None:
+    world = CountingWorld(judge_fails_every=4)
+    lm = world.lm
+    train, val, _ = _data(world)
+    student = ImageJudge(world.task, judge_sees="image", judge_lm=lm)
+    opt = APOImage(proposer_lm=lm, proposer_supports_images=True, outer_steps=2, error_batch_size=3, num_threads=1)
+    compiled = opt.compile(student, trainset=train, valset=val)
+    scored = [h for h in compiled.history_ if h["train_score"] is not None and not h["duplicate"]]
+    validated = [h for h in compiled.history_ if h["val_score"] is not None]
+    assert scored and compiled.stop_reason_ == "outer_steps"
+    # error sampling reuses the incumbent's train judgments (failed calls included): no judge call is repeated
+    expected = (1 + len(scored)) * len(train) + (1 + len(validated)) * len(val)
+    assert world.engine.count("judge") == expected == compiled.usage_["judge"]["calls"]
+    assert compiled.usage_["judge"]["failures"] == expected // 4  # every 4th call raised: scored, never fatal
+    assert compiled.seed_score_ is not None and compiled.seed_score_ < 1.0
+
+
+def test_apo_image_a_vanished_error_image_fails_the_proposal_not_the_search(tmp_path: Path) -> None:
+    world = CountingWorld()
+    lm = world.lm
+
+    def on_disk(examples: list[dspy.Example]) -> list[dspy.Example]:
+        out = []
+        for example in examples:
+            data = _png_bytes(example.image)
+            path = tmp_path / f"{example.id}.png"
+            path.write_bytes(data)
+            out.append(example.copy(image=LazyImage(path, _sha(data))))
+        return out
+
+    train, val, _ = (on_disk(split) for split in _data(world))
+    for example in train:
+        if example.label == "no":  # the seed judge answers "yes": these are exactly its errors
+            example.image.path.unlink()
+    student = ImageJudge(world.task, judge_sees="image", judge_lm=lm)
+    opt = APOImage(proposer_lm=lm, proposer_supports_images=True, outer_steps=1, error_batch_size=3, num_threads=2)
+    compiled = opt.compile(student, trainset=train, valset=val)
+    assert compiled.stop_reason_ == "outer_steps"
+    assert [h["error"] for h in compiled.history_] == ["proposal failed", "proposal failed"]
+    assert world.engine.count("proposer") == 0 and compiled.usage_["proposer"]["calls"] == 0
+    assert compiled.best_instructions_["judge"] == student.judge.instruction
+    assert compiled.charged_calls_ == len(train) + len(val) + 2  # the seed's judge calls and both failed attempts
