@@ -38,9 +38,15 @@ CREATE TABLE IF NOT EXISTS entries (
 
 
 def content_key(*parts: Any) -> str:
-    """A stable SHA-256 key over JSON-serialisable parts."""
-    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    """A stable SHA-256 key over JSON-serialisable parts; a ``dspy.Image`` counts by the SHA-256 of its bytes."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=_key_part)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _key_part(value: Any) -> Any:
+    if isinstance(value, dspy.Image):
+        return {"image_sha256": image_sha256(value)}  # a LazyImage answers without reading its file
+    return str(value)
 
 
 def lm_identity(lm: dspy.LM | None) -> dict[str, Any]:

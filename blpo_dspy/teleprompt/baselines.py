@@ -40,6 +40,7 @@ from dspy.teleprompt import Teleprompter
 
 from blpo_dspy.budget import ROLES, TOTAL, BudgetExhaustedError, UsageLedger, normalise_caps
 from blpo_dspy.cache import CallJournal, VerbalizationCache
+from blpo_dspy.images import LazyImage
 from blpo_dspy.metrics import METRICS, corpus_value, primary_metric
 from blpo_dspy.task import Label, Task
 from blpo_dspy.teleprompt.blpo import BLPO
@@ -488,8 +489,12 @@ class _Search(ProgramCalls):
         like any failed call (charged and counted as a failure) instead of ending the search.
         """
         try:
+            for value in inputs.values():  # DSPy would send an unreadable image in a list as its bare name
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, LazyImage):
+                        item.read_bytes()
             return super().propose(kind, signature, **inputs)
-        except ValueError as exc:  # raised while keying the inputs (images are read for their content), no call made
+        except ValueError as exc:  # an image could not be read: no call made
             if not self.ledger.acquire("proposer"):
                 raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})") from exc
             self.ledger.record_failure("proposer")

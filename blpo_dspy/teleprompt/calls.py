@@ -245,7 +245,7 @@ class ProgramCalls:
         results = self.parallel(lambda example: self.predict(example, candidate), examples)
         return [as_record(r) for r in results]
 
-    def propose(self, kind: str, signature: type[dspy.Signature], **inputs: str) -> str | None:
+    def propose(self, kind: str, signature: type[dspy.Signature], **inputs: Any) -> str | None:
         """One proposer call (journal first). ``None`` on failure or an empty answer."""
         key = content_key(kind, inputs, lm_identity(self.proposer_lm))
         stored = self.journal.get("proposer", key)
