@@ -97,6 +97,7 @@ class Judge(dspy.Module):
         self.task = task
         self.judge_sees = judge_sees
         self.predict = dspy.Predict(task.judge_signature(judge_sees, instruction))
+        self._inputs_of: tuple[Any, frozenset[str]] = (None, frozenset())
 
     @property
     def instruction(self) -> str:
@@ -109,7 +110,10 @@ class Judge(dspy.Module):
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
         """Judge one example; never raises for an LM failure or an unparseable label."""
-        wanted = set(self.predict.signature.input_fields)
+        signature = self.predict.signature
+        if self._inputs_of[0] is not signature:  # input_fields builds a new dict on every access
+            self._inputs_of = (signature, frozenset(signature.input_fields))
+        wanted = self._inputs_of[1]
         kwargs = {k: v for k, v in inputs.items() if k in wanted}
         try:
             raw = self.predict(**kwargs)

@@ -8,6 +8,7 @@ verbalizer (q). Built-in cards live in ``signatures/`` of a source checkout and 
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import re
 import tomllib
@@ -333,7 +334,7 @@ class Task:
         result = int(number)
         return result if lo <= result <= hi else None
 
-    @property
+    @functools.cached_property
     def _lookup(self) -> dict[str, Label]:
         table: dict[str, Label] = {}
         for label in self.labels:
@@ -429,9 +430,13 @@ def _read_card(name_or_path: str | Path) -> tuple[str, str]:
     )
 
 
+_LEADING_NOISE = re.compile(r"^[\s\"'`*_\[\(]+")
+_TRAILING_NOISE_REVERSED = re.compile(r"^[\s\"'`*_\]\).!?:;,]+")  # applied to the reversed text: linear time
+
+
 def _normalise(text: str) -> str:
-    text = text.strip().lower()
-    text = re.sub(r"^[\s\"'`*_\[\(]+|[\s\"'`*_\]\).!?:;,]+$", "", text)
+    text = _LEADING_NOISE.sub("", text.strip().lower())
+    text = _TRAILING_NOISE_REVERSED.sub("", text[::-1])[::-1]
     return re.sub(r"\s+", " ", text)
 
 
