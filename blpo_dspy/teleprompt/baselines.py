@@ -47,6 +47,7 @@ from blpo_dspy.teleprompt.blpo import BLPO
 from blpo_dspy.teleprompt.builtins import LMCallCounter, empty_usage
 from blpo_dspy.teleprompt.calls import Candidate, JudgeRecord, ProgramCalls
 from blpo_dspy.teleprompt.errors import BalancedSampler, BatchSampler
+from blpo_dspy.teleprompt.inputs import check_compile_inputs
 from blpo_dspy.teleprompt.proposers import (
     ErrorCase,
     render_errors,
@@ -307,21 +308,8 @@ class _JudgeInstructionSearch(Teleprompter):
             The program with ``best_instructions_``, ``best_score_`` (validation), ``seed_score_``,
             ``metric_name_``, ``history_``, ``usage_``, ``charged_calls_`` and ``stop_reason_``.
         """
-        if teacher is not None:
-            raise ValueError(f"{type(self).__name__} does not use a teacher program")
-        if kwargs:
-            raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
-        for attr in ("task", "verbalizer", "judge"):
-            if not hasattr(student, attr):
-                raise TypeError(f"{type(self).__name__} compiles an ImageJudge-like program; no '{attr}' attribute")
-        if not trainset:
-            raise ValueError("trainset is empty")
-        if valset is None:
-            logger.warning("no valset given: selection uses the trainset (scores will be optimistic)")
-            valset = trainset
+        train, val = check_compile_inputs(type(self).__name__, student, trainset, teacher, valset, kwargs)
         self._check_ready()
-        train = list(trainset)
-        val = train if valset is trainset else list(valset)
         with tempfile.TemporaryDirectory(prefix="blpo-search-") as tmp:
             search = _Search(self, student, train, val, Path(tmp))
             try:

@@ -29,6 +29,7 @@ from blpo_dspy.cache import CallJournal, VerbalizationCache, content_key, lm_ide
 from blpo_dspy.task import Label, Task
 from blpo_dspy.teleprompt.calls import Candidate, JudgeRecord, ProgramCalls, as_record
 from blpo_dspy.teleprompt.errors import BalancedSampler, BatchSampler
+from blpo_dspy.teleprompt.inputs import check_compile_inputs
 from blpo_dspy.teleprompt.proposers import (
     ErrorCase,
     UpdateJudgeInstruction,
@@ -218,22 +219,11 @@ class BLPO(Teleprompter):
             ``seed_score_``, ``history_``, ``study_`` (last round), ``studies_``, ``usage_``, ``stop_reason_`` and
             ``run_dir_``.
         """
-        if teacher is not None:
-            raise ValueError("BLPO does not use a teacher program")
-        if kwargs:
-            raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
-        for attr in ("task", "verbalizer", "judge"):
-            if not hasattr(student, attr):
-                raise TypeError(f"BLPO compiles an ImageJudge-like program; the student has no '{attr}'")
-        if not trainset:
-            raise ValueError("trainset is empty")
-        if valset is None:
-            logger.warning("no valset given: selection uses the trainset (scores will be optimistic)")
-            valset = trainset
+        train, val = check_compile_inputs(type(self).__name__, student, trainset, teacher, valset, kwargs)
         import_optuna()
 
         with self._run_directory() as run_dir:
-            run = _Run(self, student, list(trainset), list(valset), run_dir)
+            run = _Run(self, student, train, val, run_dir)
             return run.execute()
 
     @contextlib.contextmanager

@@ -57,6 +57,7 @@ from blpo_dspy.budget import ROLES, TOTAL
 from blpo_dspy.cache import VerbalizationCache, lm_identity
 from blpo_dspy.metrics import as_dspy_metric
 from blpo_dspy.task import DESCRIPTION_FIELD, LABEL_FIELD, RATIONALE_FIELD, Task
+from blpo_dspy.teleprompt.inputs import check_compile_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -755,18 +756,7 @@ class BuiltinOptimizer(Teleprompter):
             The optimized program with ``usage_``, ``history_``, ``budget_plan_``, ``best_instructions_`` and
             ``optimizer_name_``.
         """
-        if teacher is not None:
-            raise ValueError(f"{self.name}: teacher programs are not supported here")
-        if kwargs:
-            raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
-        for attr in ("task", "verbalizer", "judge"):
-            if not hasattr(student, attr):
-                raise TypeError(f"{self.name} compiles an ImageJudge-like program; the student has no '{attr}'")
-        if not trainset:
-            raise ValueError("trainset is empty")
-        if not valset:
-            logger.warning("%s: no valset given; the trainset is used for selection too", self.name)
-            valset = list(trainset)
+        trainset, valset = check_compile_inputs(self.name, student, trainset, teacher, valset, kwargs)
         task = self.task or student.task
         plan = self.plan(student, trainset, valset)
         judge_lm = getattr(student, "judge_lm", None) or dspy.settings.lm
