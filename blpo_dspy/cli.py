@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=None, help="the compile's --cache, if it used one")
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--idle-timeout", type=float, default=600.0, help="stop after this many seconds without work")
+    p.add_argument("--name", default=None, help="name recorded on the trials this worker claims (default: worker-PID)")
     p.set_defaults(handler=_cmd_worker)
 
     p = sub.add_parser("evaluate", help="evaluate a saved program on a split")
@@ -300,6 +301,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         cache_path=args.cache,
         num_threads=args.threads,
         idle_timeout=args.idle_timeout,
+        name=args.name,
     )
     report = worker.serve()
     print(f"worker stopped ({report.stop_reason}): {len(report.trials)} trial(s) evaluated")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,7 +80,7 @@ class SelectionWorker:
         pruner: The compile's pruner factory, if it used a custom one.
         poll_interval: Seconds between looks at the storage when no trial waits.
         idle_timeout: Stop after this many seconds without a trial to evaluate.
-        name: Worker name recorded on the trials it claims; defaults to host and process id.
+        name: Worker name recorded on the trials it claims (e.g. a machine name); defaults to ``worker-<pid>``.
     """
 
     def __init__(
@@ -103,7 +102,7 @@ class SelectionWorker:
         self.poll_interval = poll_interval
         self.idle_timeout = idle_timeout
         self.pruner = pruner
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.name = name or f"worker-{os.getpid()}"
         judge_lm = getattr(program, "judge_lm", None) or dspy.settings.lm
         verbalizer_lm = getattr(program, "verbalizer_lm", None) or dspy.settings.lm
         if judge_lm is None or verbalizer_lm is None:
