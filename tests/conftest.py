@@ -10,6 +10,12 @@ from pathlib import Path
 
 import dspy
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (a reproducible CI); HYPOTHESIS_PROFILE=explore draws new ones.
+settings.register_profile("reproducible", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

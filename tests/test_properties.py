@@ -537,7 +537,7 @@ def _row_cells(draw: st.DrawFn, task: Task, columns: list[str], *, json_values: 
     """Cells for ``columns``: all acceptable when ``clean``, else one or two fields spoiled (a refused value, or for
     JSONL sometimes a missing key), so that each refused value is usually the only problem of its row."""
     table = _cell_table(task, json_values=json_values)
-    spoiled = set() if clean else draw(st.sets(st.sampled_from(columns), min_size=1, max_size=2))
+    spoiled = set() if clean or not columns else draw(st.sets(st.sampled_from(columns), min_size=1, max_size=2))
     cells: dict[str, Cell] = {}
     for name in columns:
         good, bad = table[name]
