@@ -12,12 +12,14 @@ Values are JSON; nothing is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,10 @@ def lm_identity(lm: dspy.LM | None) -> dict[str, Any]:
 
 
 class SQLiteStore:
-    """A namespaced key -> JSON value store in one SQLite file (WAL, one connection per thread).
+    """A namespaced key -> JSON value store in one SQLite file (WAL mode, a pool of connections shared by threads).
+
+    Connections are pooled rather than kept per thread: the parallel batches of a compile run on short-lived
+    threads, and opening a connection (with its pragmas) for each of them would cost more than the query.
 
     Args:
         path: The database file (created with its parent directory).
@@ -68,8 +73,8 @@ class SQLiteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._connect()  # create the schema eagerly so errors surface here
+        self._idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._idle.put(self._open())  # create the schema eagerly so errors surface here
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SQLiteStore:
         return self
@@ -77,43 +82,51 @@ class SQLiteStore:
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("stores are not picklable; pass the path instead")
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.executescript(_SCHEMA)
-            self._local.conn = conn
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=60000")
+        conn.executescript(_SCHEMA)
         return conn
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = self._open()
+        try:
+            yield conn
+        finally:
+            self._idle.put(conn)
 
     def get(self, namespace: str, key: str) -> Any | None:
         """The stored value, or ``None``."""
-        row = (
-            self._connect()
-            .execute("SELECT value FROM entries WHERE namespace = ? AND key = ?", (namespace, key))
-            .fetchone()
-        )
+        with self._connection() as conn:
+            row = conn.execute("SELECT value FROM entries WHERE namespace = ? AND key = ?", (namespace, key)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def put(self, namespace: str, key: str, value: Any) -> None:
         """Store a value (first writer wins: an existing entry is kept)."""
-        self._connect().execute(
-            "INSERT OR IGNORE INTO entries(namespace, key, value, created) VALUES (?, ?, ?, ?)",
-            (namespace, key, json.dumps(value, ensure_ascii=False), time.time()),
-        )
+        with self._connection() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO entries(namespace, key, value, created) VALUES (?, ?, ?, ?)",
+                (namespace, key, json.dumps(value, ensure_ascii=False), time.time()),
+            )
 
     def count(self, namespace: str) -> int:
         """Number of entries in a namespace."""
-        return self._connect().execute("SELECT COUNT(*) FROM entries WHERE namespace = ?", (namespace,)).fetchone()[0]
+        with self._connection() as conn:
+            return conn.execute("SELECT COUNT(*) FROM entries WHERE namespace = ?", (namespace,)).fetchone()[0]
 
     def close(self) -> None:
-        """Close this thread's connection."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        """Close the idle connections (a later call opens new ones)."""
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
 
 
 class VerbalizationCache:

@@ -315,7 +315,8 @@ class _JudgeInstructionSearch(Teleprompter):
             try:
                 with search.counter.active():
                     return search.run()
-            finally:  # release this thread's SQLite handles before the directory goes
+            finally:  # release the threads and SQLite handles before the directory goes
+                search.close()
                 search.journal.store.close()
                 search.vcache.store.close()
 

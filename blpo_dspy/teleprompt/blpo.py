@@ -224,7 +224,10 @@ class BLPO(Teleprompter):
 
         with self._run_directory() as run_dir:
             run = _Run(self, student, train, val, run_dir)
-            return run.execute()
+            try:
+                return run.execute()
+            finally:
+                run.close()
 
     @contextlib.contextmanager
     def _run_directory(self) -> Iterator[Path]:
@@ -551,7 +554,18 @@ class _Run(ProgramCalls):
                 entry["error"] = "Update_q failed"
                 return None
         entry["q"] = q
-        verbalized = self.parallel(lambda example: self.verbalize(example, q), error_examples)
+        errors_verbalized = self.submit(lambda example: self.verbalize(example, q), error_examples)
+        # p' will be judged on the retain batch under q too: in text modes, queue its verbalizations behind the
+        # errors' so they fill idle threads and run while Update_p (a serial call) is made
+        retain_verbalized = None
+        if self.judge_sees in ("text", "both") and retain_examples:
+            retain_verbalized = self.submit(lambda example: self.verbalize(example, q), retain_examples)
+        try:
+            verbalized = errors_verbalized()
+        except BaseException:
+            if retain_verbalized is not None:
+                retain_verbalized()
+            raise
         cases = []
         for example, record, descriptions in zip(error_examples, error_records, verbalized, strict=True):
             if not isinstance(descriptions, dict):
@@ -568,15 +582,21 @@ class _Run(ProgramCalls):
         if not cases:
             entry["error"] = "every verbalization failed"
             q_history.append((q, 0.0))
+            if retain_verbalized is not None:
+                retain_verbalized()
             return None
-        p_prime = self.propose(
-            "update_p",
-            UpdateJudgeInstruction,
-            task_description=task_description(self.task),
-            current_instruction=incumbent.judge,
-            errors=render_errors(cases),
-            tried_instructions=render_tried(tried_p),
-        )
+        try:
+            p_prime = self.propose(
+                "update_p",
+                UpdateJudgeInstruction,
+                task_description=task_description(self.task),
+                current_instruction=incumbent.judge,
+                errors=render_errors(cases),
+                tried_instructions=render_tried(tried_p),
+            )
+        finally:
+            if retain_verbalized is not None:
+                retain_verbalized()  # re-raises BudgetExhaustedError
         if p_prime is None:
             entry["error"] = "Update_p failed"
             q_history.append((q, 0.0))

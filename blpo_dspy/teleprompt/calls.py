@@ -10,7 +10,9 @@ exception.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -19,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import dspy
-from dspy.utils.parallelizer import ParallelExecutor
 
 from blpo_dspy.budget import BudgetExhaustedError, UsageLedger
 from blpo_dspy.cache import CallJournal, VerbalizationCache, content_key, lm_identity
@@ -107,6 +108,7 @@ class ProgramCalls:
         self._locks_guard = threading.Lock()
         self._judges: dict[str, Judge] = {}
         self._verbalizers: dict[str, dspy.Predict] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ keys and locks
     def example_key(self, example: dspy.Example) -> list[Any]:
@@ -229,16 +231,58 @@ class ProgramCalls:
         return self.judge(example, candidate.judge, descriptions)
 
     def parallel(self, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        """Run a batch in parallel (``num_threads``); raise ``BudgetExhaustedError`` if the budget ran out."""
-        if not items:
-            return []
-        executor = ParallelExecutor(
-            num_threads=min(self.num_threads, len(items)), disable_progress_bar=True, max_errors=len(items) + 1
-        )
-        results = executor.execute(function, list(items))
-        if self.ledger.exhausted:
-            raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})")
-        return results
+        """Run a batch on the layer's thread pool (``num_threads``), results in item order.
+
+        An item that raises becomes ``None`` (logged), never an exception. Batches submitted from several threads at
+        once share the pool, so at most ``num_threads`` calls are in flight. Each item runs in a copy of the
+        submitting thread's context (DSPy settings overrides included).
+
+        Raises:
+            BudgetExhaustedError: The budget ran out during the batch.
+        """
+        return self.submit(function, items)()
+
+    def submit(self, function: Callable[[Any], Any], items: Sequence[Any]) -> Callable[[], list[Any]]:
+        """Queue a batch on the thread pool now; the returned function waits for it (see :meth:`parallel`).
+
+        Batches run in the order they were queued, so queuing a later batch behind a current one fills the threads
+        the current batch leaves idle without delaying it.
+        """
+
+        def guarded(item: Any) -> Any:
+            try:
+                return function(item)
+            except Exception as exc:  # a scored failure for the caller, never a crash of the batch
+                logger.warning("a batch item failed: %s", exc)
+                return None
+
+        if self.num_threads == 1 or len(items) <= 1:
+            futures = None
+            results = [guarded(item) for item in items]
+        else:
+            pool = self._thread_pool()
+            futures = [pool.submit(contextvars.copy_context().run, guarded, item) for item in items]
+
+        def wait() -> list[Any]:
+            out = [future.result() for future in futures] if futures is not None else results
+            if self.ledger.exhausted:
+                raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})")
+            return out
+
+        return wait
+
+    def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._locks_guard:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix="blpo-call")
+            return self._pool
+
+    def close(self) -> None:
+        """Stop the thread pool (idempotent; a later batch starts a new one)."""
+        with self._locks_guard:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def predict_many(self, examples: Sequence[dspy.Example], candidate: Candidate) -> list[JudgeRecord]:
         """The program (q, p) on many examples, in parallel."""

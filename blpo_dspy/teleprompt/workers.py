@@ -124,24 +124,27 @@ class SelectionWorker:
     # ------------------------------------------------------------------ public
     def serve(self) -> WorkerReport:
         """Evaluate waiting trials until the compile finishes or nothing came for ``idle_timeout`` seconds."""
-        optuna = import_optuna()
-        report = WorkerReport()
-        idle_since = time.monotonic()
-        while True:
-            state = self._state()
-            if state is not None:
-                self._check_identity(state)
-            did = state is not None and self._serve_waiting(optuna, report)  # the compile creates the storage first
-            if did:
-                idle_since = time.monotonic()
-                continue
-            if state is not None and state.get("status") in DONE_STATUSES:
-                report.stop_reason = "run_finished"
-                break
-            if time.monotonic() - idle_since > self.idle_timeout:
-                report.stop_reason = "idle"
-                break
-            time.sleep(self.poll_interval)
+        try:
+            optuna = import_optuna()
+            report = WorkerReport()
+            idle_since = time.monotonic()
+            while True:
+                state = self._state()
+                if state is not None:
+                    self._check_identity(state)
+                did = state is not None and self._serve_waiting(optuna, report)  # the compile creates the storage first
+                if did:
+                    idle_since = time.monotonic()
+                    continue
+                if state is not None and state.get("status") in DONE_STATUSES:
+                    report.stop_reason = "run_finished"
+                    break
+                if time.monotonic() - idle_since > self.idle_timeout:
+                    report.stop_reason = "idle"
+                    break
+                time.sleep(self.poll_interval)
+        finally:
+            self.calls.close()
         report.usage = self.calls.ledger.to_dict()
         logger.info("worker %s stopped (%s) after %d trial(s)", self.name, report.stop_reason, len(report.trials))
         return report
