@@ -303,6 +303,7 @@ class _JudgeInstructionSearch(Teleprompter):
             trainset: The optimisation split (proposals are scored on it; errors are sampled from it).
             teacher: Unused (must be ``None``).
             valset: The split that decides acceptance; defaults to ``trainset`` (with a warning).
+            **kwargs: Not accepted (a ``TypeError`` names them).
 
         Returns:
             The program with ``best_instructions_``, ``best_score_`` (validation), ``seed_score_``,

@@ -213,6 +213,7 @@ class BLPO(Teleprompter):
             trainset: The optimisation split (errors are sampled from it).
             teacher: Unused (must be ``None``).
             valset: The validation split that decides selection; defaults to ``trainset`` (with a warning).
+            **kwargs: Not accepted (a ``TypeError`` names them).
 
         Returns:
             A copy of the student with the best instructions, carrying ``best_instructions_``, ``best_score_``,

@@ -751,6 +751,7 @@ class BuiltinOptimizer(Teleprompter):
             trainset: The optimisation split.
             teacher: Unused (must be ``None``).
             valset: The validation split (defaults to the trainset, with a warning).
+            **kwargs: Not accepted (a ``TypeError`` names them).
 
         Returns:
             The optimized program with ``usage_``, ``history_``, ``budget_plan_``, ``best_instructions_`` and
