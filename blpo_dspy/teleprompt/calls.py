@@ -278,11 +278,11 @@ class ProgramCalls:
             return self._pool
 
     def close(self) -> None:
-        """Stop the thread pool (idempotent; a later batch starts a new one)."""
+        """Stop the thread pool: queued calls are dropped, running ones finish (idempotent; a new batch reopens it)."""
         with self._locks_guard:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)  # a stopped compile drops its queued calls
 
     def predict_many(self, examples: Sequence[dspy.Example], candidate: Candidate) -> list[JudgeRecord]:
         """The program (q, p) on many examples, in parallel."""
