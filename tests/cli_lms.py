@@ -271,6 +271,19 @@ class CompileResult:
         assert self.program_at_exit is not None, f"{self.run_dir.name}: no program.json"
         return self.program_at_exit
 
+    def outcome(self) -> dict[str, Any]:
+        """What the compile decided: final instructions and score, stop reason, search history and selection rounds."""
+        state, program = self.state(), self.program()
+        return {
+            "status": state["status"],
+            "incumbent": state["incumbent"],
+            "history": state["history"],
+            "rounds": state["rounds"],
+            "program_instructions": program["blpo"]["instructions"],
+            "best_score": program["blpo"]["diagnostics"]["best_score_"],
+            "stop_reason": program["blpo"]["diagnostics"]["stop_reason_"],
+        }
+
     def calls_by_role(self) -> dict[str, int]:
         """Answered LM calls per role."""
         return {role: sum(1 for c in self.calls if c.role == role) for role in ROLES}

@@ -49,20 +49,6 @@ class Reference:
     kill_points: tuple[int, ...]
 
 
-def _outcome(result: CompileResult) -> dict[str, Any]:
-    """What a compile decided: final instructions and score, the search history and the selection rounds."""
-    state, program = result.state(), result.program()
-    return {
-        "status": state["status"],
-        "incumbent": state["incumbent"],
-        "history": state["history"],
-        "rounds": state["rounds"],
-        "program_instructions": program["blpo"]["instructions"],
-        "best_score": program["blpo"]["diagnostics"]["best_score_"],
-        "stop_reason": program["blpo"]["diagnostics"]["stop_reason_"],
-    }
-
-
 def _printed_instructions(result: CompileResult) -> dict[str, str]:
     """The instructions ``blpo compile`` printed (the JSON block after the ``stopped:`` line)."""
     lines = result.stdout.splitlines()
@@ -100,7 +86,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     assert usage["total"]["replayed"] == 0
     assert result.calls_by_role() == {role: usage[role]["calls"] for role in ROLES}  # every LM call was counted
     assert len(result.calls) == total > 50
-    outcome = _outcome(result)
+    outcome = result.outcome()
     assert outcome["status"] == "finished"
     assert outcome["best_score"] > result.program()["blpo"]["diagnostics"]["seed_score_"]  # the search did something
     assert any(len(r.get("trials", [])) > 1 for r in outcome["rounds"])  # ...including an Optuna selection round
@@ -193,7 +179,7 @@ def test_killed_compile_resumes_without_repeating_finished_calls(
         assert all(finished[role] <= answered[role] for role in ROLES)
 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _outcome(resumed) == _outcome(reference.result)
+    assert resumed.outcome() == reference.result.outcome()
     assert _printed_instructions(resumed) == _printed_instructions(reference.result)
     assert killed.state_reads > 1 and resumed.state_reads > 1  # state.json parsed at every poll while running
 

@@ -8,7 +8,6 @@ barrier makes them call the LM at the same time, and a small per-call latency ke
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from cli_lms import (
     DATA_SEED,
@@ -29,18 +28,6 @@ from blpo_dspy.testing import CountingWorld
 SEEDS = (0, 1)
 THREADS = 2
 LATENCY = 0.01
-
-
-def _outcome(result: CompileResult) -> dict[str, Any]:
-    state, program = result.state(), result.program()
-    return {
-        "status": state["status"],
-        "incumbent": state["incumbent"],
-        "history": state["history"],
-        "rounds": state["rounds"],
-        "program_instructions": program["blpo"]["instructions"],
-        "best_score": program["blpo"]["diagnostics"]["best_score_"],
-    }
 
 
 def _span(result: CompileResult) -> tuple[float, float]:
@@ -85,8 +72,8 @@ def test_two_compiles_sharing_one_cache_finish_without_corruption_or_lost_result
 
     # each run decided exactly what it decides alone, and the two seeds searched differently
     for shared_run, alone_run in zip(together, alone, strict=True):
-        assert _outcome(shared_run) == _outcome(alone_run)
-    assert _outcome(together[0])["history"] != _outcome(together[1])["history"]
+        assert shared_run.outcome() == alone_run.outcome()
+    assert together[0].outcome()["history"] != together[1].outcome()["history"]
 
     # no result is lost: the shared cache holds every verbalization either run made, and exactly the union of what
     # the two runs store alone (with the same descriptions)
