@@ -40,7 +40,6 @@ from dspy.teleprompt import Teleprompter
 
 from blpo_dspy.budget import ROLES, TOTAL, BudgetExhaustedError, UsageLedger, normalise_caps
 from blpo_dspy.cache import CallJournal, VerbalizationCache
-from blpo_dspy.images import LazyImage
 from blpo_dspy.metrics import METRICS, corpus_value, primary_metric
 from blpo_dspy.task import Label, Task
 from blpo_dspy.teleprompt.blpo import BLPO
@@ -471,25 +470,6 @@ class _Search(ProgramCalls):
         if key not in self._split_records:
             self._split_records[key] = self.predict_many(examples, Candidate(verbalizer=self.q, judge=p))
         return self._split_records[key]
-
-    def propose(self, kind: str, signature: type[dspy.Signature], **inputs: Any) -> str | None:
-        """One proposer call (see :meth:`ProgramCalls.propose`); ``None`` on failure.
-
-        An input that cannot be read (an error image whose file vanished or changed on disk) fails the proposal
-        like any failed call (charged and counted as a failure) instead of ending the search.
-        """
-        try:
-            for value in inputs.values():  # DSPy would send an unreadable image in a list as its bare name
-                for item in value if isinstance(value, list) else [value]:
-                    if isinstance(item, LazyImage):
-                        item.read_bytes()
-            return super().propose(kind, signature, **inputs)
-        except ValueError as exc:  # an image could not be read: no call made
-            if not self.ledger.acquire("proposer"):
-                raise BudgetExhaustedError(f"LM call budget reached ({self.ledger.exhausted_role})") from exc
-            self.ledger.record_failure("proposer")
-            logger.warning("%s proposal failed: %s", kind, exc)
-            return None
 
 
 class _NoErrorsLeftError(Exception):

@@ -24,7 +24,7 @@ import dspy
 
 from blpo_dspy.budget import BudgetExhaustedError, UsageLedger
 from blpo_dspy.cache import CallJournal, VerbalizationCache, content_key, lm_identity
-from blpo_dspy.images import image_sha256
+from blpo_dspy.images import LazyImage, image_sha256
 from blpo_dspy.modules import Judge
 from blpo_dspy.task import Label, Task
 from blpo_dspy.teleprompt.proposers import clean_instruction
@@ -290,7 +290,11 @@ class ProgramCalls:
         return [as_record(r) for r in results]
 
     def propose(self, kind: str, signature: type[dspy.Signature], **inputs: Any) -> str | None:
-        """One proposer call (journal first). ``None`` on failure or an empty answer."""
+        """One proposer call (journal first). ``None`` on failure or an empty answer.
+
+        An image input whose file vanished or changed since loading fails the call (charged, counted as a failure)
+        before anything is sent: DSPy would otherwise send an unreadable image inside a list as its bare name.
+        """
         key = content_key(kind, inputs, lm_identity(self.proposer_lm))
         stored = self.journal.get("proposer", key)
         if stored is not None:
@@ -302,6 +306,10 @@ class ProgramCalls:
         self._mark_seen(key)
         began = time.perf_counter()
         try:
+            for value in inputs.values():
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, LazyImage):
+                        item.format()  # reads and checks the file now; the adapter reuses the cached result
             with dspy.context(lm=self.proposer_lm), dspy.track_usage() as usage:
                 answer = dspy.Predict(signature)(**inputs).new_instruction
             self.ledger.record_tokens("proposer", usage.get_total_tokens())
