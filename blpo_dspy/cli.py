@@ -285,11 +285,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         if time.monotonic() > deadline:
             raise FileNotFoundError(f"no compile in '{args.run_dir.name}' (no state.json) after {args.idle_timeout} s")
         time.sleep(0.5)
-    identity = json.loads(state_path.read_text(encoding="utf-8"))["identity"]
-    task = Task.from_dict(identity["task"], source=f"{args.run_dir.name}/state.json")
+    shown = f"{args.run_dir.name}/state.json"
+    try:
+        identity = json.loads(state_path.read_text(encoding="utf-8"))["identity"]
+        task_card, judge_sees = identity["task"], identity["judge_sees"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        problem = f"not a compile's state (fields identity.task, identity.judge_sees): {exc}"
+        raise ValueError(f"{shown}: {problem}") from exc
+    task = Task.from_dict(task_card, source=shown)
     program = ImageJudge(
         task,
-        judge_sees=identity["judge_sees"],
+        judge_sees=judge_sees,
         verbalizer_lm=build_lm(args.verbalizer_lm, role="verbalizer"),
         judge_lm=build_lm(args.judge_lm, role="judge"),
     )

@@ -63,3 +63,16 @@ def test_compile_with_two_worker_processes_over_the_cli(tmp_path: Path) -> None:
     assert reported == sum(n for worker, n in claimed.items() if worker != "leader") >= 1, claimed
     for db in ("study.db", "cache.sqlite"):
         assert integrity(leader.run_dir / db) == "ok"
+
+
+def test_worker_names_the_state_file_and_fields_it_cannot_use(tmp_path: Path, capsys) -> None:
+    from blpo_dspy.cli import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text('{"status": "running"}')
+    manifest = write_manifest(tmp_path / "data", CountingWorld().examples(4, seed=DATA_SEED))
+    code = main(["worker", str(run_dir), "--data", str(manifest), "--verbalizer-lm", SPEC, "--judge-lm", SPEC])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "run/state.json" in err and "identity.task" in err

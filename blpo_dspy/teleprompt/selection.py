@@ -11,6 +11,7 @@ busy and makes the pruning order, hence the round, deterministic.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import logging
@@ -43,28 +44,37 @@ def import_optuna() -> Any:
     return optuna
 
 
-_STORAGES: dict[str, Any] = {}
+_STORAGES: collections.OrderedDict[str, Any] = collections.OrderedDict()
 _STORAGES_LOCK = threading.Lock()
+MAX_OPEN_STORAGES = 8
 SQLITE_TIMEOUT_S = 60.0
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """One Optuna storage object per URL and process.
+    """One Optuna storage object per URL and process (the last ``MAX_OPEN_STORAGES`` URLs are kept open).
 
     Building an ``RDBStorage`` runs schema checks against the database; doing it once per process (rather than on
     every ``load_study(storage=url)``) keeps processes that share a SQLite file from racing on them. SQLite
-    connections wait up to ``SQLITE_TIMEOUT_S`` for a lock instead of failing with "database is locked".
+    connections wait up to ``SQLITE_TIMEOUT_S`` for a lock instead of failing with "database is locked". A storage
+    pushed out of the cache has its connection pool closed (it reconnects if still used), so a process running many
+    compiles does not keep a pool per run directory.
     """
     optuna = import_optuna()
     with _STORAGES_LOCK:
-        if url not in _STORAGES:
-            if url.startswith("sqlite:"):
-                _STORAGES[url] = optuna.storages.RDBStorage(
-                    url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
-                )
-            else:
-                _STORAGES[url] = optuna.storages.get_storage(url)
-        return _STORAGES[url]
+        if url in _STORAGES:
+            _STORAGES.move_to_end(url)
+            return _STORAGES[url]
+        if url.startswith("sqlite:"):
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
+        else:
+            storage = optuna.storages.get_storage(url)
+        _STORAGES[url] = storage
+        while len(_STORAGES) > MAX_OPEN_STORAGES:
+            _, old = _STORAGES.popitem(last=False)
+            engine = getattr(old, "engine", None)
+            if engine is not None:
+                engine.dispose()
+        return storage
 
 
 def rung_sizes(n: int, n_rungs: int) -> list[int]:

@@ -175,3 +175,17 @@ def test_allow_workers_validation(tmp_path: Path) -> None:
     assert saved["params"]["study_storage"] == "sqlite:..."  # a server URL may carry credentials: never stored
     assert str(tmp_path) not in json.dumps(saved)
     assert state.study_.study_name in optuna.get_all_study_names(f"sqlite:///{tmp_path / 'shared.db'}")
+
+
+def test_open_storage_reuses_one_object_per_url_and_keeps_a_bounded_number(tmp_path: Path) -> None:
+    from blpo_dspy.teleprompt import selection
+
+    urls = [f"sqlite:///{tmp_path / f'study{i}.db'}" for i in range(selection.MAX_OPEN_STORAGES + 3)]
+    first = selection.open_storage(urls[0])
+    assert selection.open_storage(urls[0]) is first
+    for url in urls[1:]:
+        selection.open_storage(url)
+    assert urls[0] not in selection._STORAGES and len(selection._STORAGES) <= selection.MAX_OPEN_STORAGES
+    # a storage pushed out still works (its pool reconnects) and a new one is built for its URL on demand
+    assert optuna.get_all_study_names(first) == []
+    assert selection.open_storage(urls[0]) is not first
