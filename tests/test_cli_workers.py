@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 from cli_lms import DATA_SEED, N_EXAMPLES, SPEC, CompileProcess, integrity, run_one, write_manifest
 
 from blpo_dspy.teleprompt.selection import INCUMBENT_ID
@@ -65,7 +66,7 @@ def test_compile_with_two_worker_processes_over_the_cli(tmp_path: Path) -> None:
         assert integrity(leader.run_dir / db) == "ok"
 
 
-def test_worker_names_the_state_file_and_fields_it_cannot_use(tmp_path: Path, capsys) -> None:
+def test_worker_names_the_state_file_and_its_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from blpo_dspy.cli import main
 
     run_dir = tmp_path / "run"
