@@ -1,27 +1,51 @@
-"""Benchmark: framework overhead of ``evaluate()`` + ``ImageJudge`` vs a plain loop of ``dspy.Predict`` calls.
+"""Benchmark: framework overhead of BLPO's evaluation loops vs a plain loop of ``dspy.Predict`` calls.
 
-Run: ``.venv/bin/python benchmarks/overhead.py [--examples 200] [--repeats 15]`` (no network; the scripted
-CountingWorld engine answers instantly, so only framework time is measured). Target: ratio <= 1.05.
+Run: ``.venv/bin/python benchmarks/overhead.py [--examples 200] [--rounds 10]`` (no network; the scripted
+CountingWorld engine answers instantly, so only framework time is measured). Target: ratio <= 1.05 for
+``evaluate``.
 
-Both sides do the same program work, and the script checks it:
+All sides run under one ``dspy.context(lm=lm)``, as the plain loop does; ``ImageJudge`` (given ``judge_lm=lm``)
+finds its LM current and enters no context of its own. What is compared, all sides making the same LM requests
+(checked: same system prompt, same user text, same image bytes, same order) and finding the same labels:
 
 - ``plain``: a hand-written evaluation loop. For each example ``dspy.Predict(signature)(**example.inputs())`` under
   ``dspy.context(lm=...)``, the answer parsed with ``task.parse_label``, a failed call scored as wrong; then the
   accuracy. ``signature`` is the program's own judge signature (same instructions, fields and types).
-- ``evaluate``: ``blpo_dspy.evaluate(ImageJudge(task, judge_sees="image"), examples, num_threads=1, ci=False)``.
+- ``evaluate`` (the target): ``blpo_dspy.evaluate(ImageJudge(task, judge_sees="image", judge_lm=lm), examples,
+  num_threads=1, ci=False)``, the loop that scores a program on held-out data (``blpo eval``, the compile's test
+  report, ``compare``), over all the examples in one call.
+- ``program``: a hand-written loop calling ``ImageJudge(**inputs)`` (what the program's DSPy module call and its
+  label handling cost; ``evaluate`` minus ``program`` is ``evaluate()``'s own bookkeeping).
+- ``module``: the plain loop's body around the least DSPy program there is, a ``dspy.Module`` whose ``forward``
+  returns ``self.predict(**inputs)``: what one DSPy module call costs by itself (callbacks, the caller-module
+  context, a history per module), the floor under any program's loop. ``program`` minus ``module`` is what
+  ``ImageJudge`` adds on top of being a DSPy module.
+- ``compile``: the loop that scores a candidate (q, p) inside a compile, ``ProgramCalls.predict_many`` at one
+  thread: a content key per call, the run's journal looked up first and written after every finished call (the
+  SQLite write that lets a killed compile resume without repeating it), usage tracking, the budget ledger. Each
+  round opens a fresh journal, so every call is live. ``journal`` times the content keys, lookups and writes alone,
+  on the same keys (what durability costs).
 
-Times are CPU seconds of this process (``time.process_time``: the framework's own work, not inflated when other
-processes preempt the benchmark on a busy machine); wall-clock ratios are printed as well. Every repetition records
-the engine's requests on both sides and asserts that they are identical (same system prompt, same user text, same
-image bytes, same order) and that both sides found the same labels. Repetitions are interleaved (the order
-alternates), each preceded by a ``gc.collect()``; the script prints the median time per side, the median of the
-per-repetition ratios with its spread, and a breakdown:
+Method: the sides take turns example by example. A shared machine's load changes over tens of milliseconds, so
+comparing whole runs of a side measured seconds apart is mostly noise; here each plain call runs right before or
+after (alternately) the call it is compared with, in the same loop:
 
-- ``program``: the same hand-written loop calling ``ImageJudge(**inputs)`` instead of the bare ``dspy.Predict``
-  (what the two ``dspy.Module`` layers ``ImageJudge`` -> ``Judge``, their ``dspy.context`` and label handling cost);
-- ``evaluate`` minus ``program``: ``evaluate()``'s own bookkeeping (input/label checks, records, metrics);
-- the number of Python function calls per example on each side (one run under ``cProfile``), a deterministic
-  measure of the work that the load of a shared machine cannot blur.
+- ``evaluate`` runs once over all examples on a proxy program whose call runs the plain loop's body for the same
+  example next to ``ImageJudge``'s call; the plain segments are timed and taken out of ``evaluate``'s time (the
+  proxy's own call is left in, against ``evaluate``);
+- ``program`` and ``compile`` alternate with the plain body in a hand-written loop (``compile`` one example per
+  ``predict_many`` call, which also counts that call's batch set-up against it).
+
+Times are CPU seconds of this process (``time.process_time``: not inflated when other processes preempt the
+benchmark; the work of every thread is counted). Garbage collection is left on, but each pause is timed
+(``gc.callbacks``) and taken out of the segment it fell in: a full collection walks DSPy's call histories (10,000
+entries per LM and per module by default) and can take longer than many calls, so whichever segment triggered it
+would look slow. The pauses are summed and shared out in proportion to what triggers them: each side's net
+allocations of garbage-collected objects (CPython collects when that count passes a threshold), counted with
+``gc.get_count()`` around each segment and at each collection. The ratio is (own CPU time + share of the pauses)
+of a side over the same for its interleaved plain segments; the spread over rounds and the ratio without
+collections are printed too, and the number of Python function calls per example on each side (one run under
+``cProfile``), a deterministic measure of the work that the load of a shared machine cannot blur.
 """
 
 from __future__ import annotations
@@ -32,83 +56,268 @@ import gc
 import os
 import pstats
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import dspy
 
+from blpo_dspy.budget import UsageLedger
+from blpo_dspy.cache import CallJournal, VerbalizationCache, content_key, lm_identity
 from blpo_dspy.evaluation import evaluate
 from blpo_dspy.modules import ImageJudge
 from blpo_dspy.task import Label, Task
+from blpo_dspy.teleprompt.calls import Candidate, ProgramCalls
 from blpo_dspy.testing import CountingWorld
 
 TARGET = 1.05
+SIDES = ("evaluate", "program", "module", "compile", "journal")
 
-Side = Callable[[], list[Label | None]]
+Request = tuple[str, str, tuple[tuple[str, tuple[bytes, ...]], ...]]
+
+
+class GCMeter:
+    """Times garbage-collection pauses and counts net allocations of collected objects."""
+
+    def __init__(self) -> None:
+        self.pause = 0.0  # CPU seconds of all collections so far
+        self.allocated = 0  # net allocations of gc-tracked objects up to the last collection
+        self._began = 0.0
+
+    def __enter__(self) -> GCMeter:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.allocated += gc.get_count()[0]  # about to be reset by this collection
+            self._began = time.process_time()
+        else:
+            self.pause += time.process_time() - self._began
+
+    def reading(self) -> tuple[float, float, int]:
+        """(CPU seconds now, pauses so far, net allocations so far)."""
+        return time.process_time(), self.pause, self.allocated + gc.get_count()[0]
+
+
+@dataclass
+class Tally:
+    """CPU seconds without collection pauses, and net allocations, of one side."""
+
+    seconds: float = 0.0
+    allocated: int = 0
+
+    def add(self, start: tuple[float, float, int], end: tuple[float, float, int]) -> None:
+        """Count the segment between two :meth:`GCMeter.reading` s."""
+        self.seconds += (end[0] - start[0]) - (end[1] - start[1])
+        self.allocated += end[2] - start[2]
+
+
+@dataclass
+class Round:
+    """One round: each side's tally and the tally of the plain segments interleaved with it."""
+
+    ours: dict[str, Tally] = field(default_factory=lambda: {name: Tally() for name in SIDES})
+    plain: dict[str, Tally] = field(default_factory=lambda: {name: Tally() for name in SIDES})
 
 
 def _score(labels: list[Label | None], golds: Sequence[Label]) -> float:
     return sum(label is not None and label == gold for label, gold in zip(labels, golds, strict=True)) / len(golds)
 
 
-def plain_loop(task: Task, predict: dspy.Predict, lm: dspy.LM, examples: list[dspy.Example]) -> list[Label | None]:
-    """A hand-written evaluation loop over a bare ``dspy.Predict``: call, parse the label, score."""
-    labels: list[Label | None] = []
-    with dspy.context(lm=lm):
-        for example in examples:
+def plain_body(task: Task, predict: dspy.Module, example: dspy.Example) -> Label | None:
+    """The body of a hand-written loop over a bare ``dspy.Predict``: call, parse the label (``None`` on failure)."""
+    try:
+        return task.parse_label(predict(**example.inputs()).label)
+    except Exception:
+        return None
+
+
+class Wrapper(dspy.Module):
+    """The least a DSPy program adds around a predictor: a module whose ``forward`` calls it."""
+
+    def __init__(self, predict: dspy.Predict) -> None:
+        super().__init__()
+        self.predict = predict
+
+    def forward(self, **inputs: Any) -> dspy.Prediction:
+        """The predictor's prediction, unchanged."""
+        return self.predict(**inputs)
+
+
+class Bench:
+    """The sides of the benchmark on one scripted world, each interleaved with the plain loop's body."""
+
+    def __init__(self, n_examples: int, root: Path) -> None:
+        self.world = CountingWorld()
+        self.lm = self.world.lm
+        self.task = self.world.task
+        self.examples = self.world.examples(n_examples, seed=1)
+        self.program = ImageJudge(self.task, judge_sees="image", judge_lm=self.lm, verbalizer_lm=self.lm)
+        self.predict = dspy.Predict(self.program.judge.predict.signature)  # the very signature the judge uses
+        self.wrapper = Wrapper(self.predict)
+        self.candidate = Candidate(self.program.verbalizer.instruction, self.program.judge.instruction)
+        self.root = root
+        self.runs = 0
+        self.meter = GCMeter()
+
+    # ------------------------------------------------------------------ the plain segment
+    def _plain(self, example: dspy.Example, tally: Tally, labels: list[Label | None]) -> None:
+        start = self.meter.reading()
+        labels.append(plain_body(self.task, self.predict, example))
+        tally.add(start, self.meter.reading())
+
+    def _check(self, name: str, ours: list[Label | None], plain: list[Label | None]) -> None:
+        calls = self.world.engine.calls
+        if len(calls) != 2 * len(self.examples):
+            raise AssertionError(f"{name}: {len(calls)} LM requests, expected {2 * len(self.examples)}")
+        requests: list[Request] = [
+            (c.system, c.user_text, tuple((k, tuple(v)) for k, v in sorted(c.images.items()))) for c in calls
+        ]
+        if any(requests[i] != requests[i + 1] for i in range(0, len(requests), 2)):
+            raise AssertionError(f"{name} made different LM requests from the plain loop")
+        if ours != plain:
+            raise AssertionError(f"{name} found different labels from the plain loop")
+        _score(plain, [example.label for example in self.examples])
+
+    # ------------------------------------------------------------------ sides
+    def evaluate_side(self, ours: Tally, plain: Tally) -> None:
+        """``evaluate()`` over all examples on a proxy that runs the plain body next to each program call."""
+        plain_labels: list[Label | None] = []
+        bench = self
+
+        class Proxy:
+            task = bench.task
+
+            def __init__(self) -> None:
+                self.calls = 0
+
+            def __call__(self, **inputs: Any) -> Any:
+                example = bench.examples[self.calls]
+                self.calls += 1
+                if self.calls % 2:
+                    bench._plain(example, plain, plain_labels)
+                    return bench.program(**inputs)
+                prediction = bench.program(**inputs)
+                bench._plain(example, plain, plain_labels)
+                return prediction
+
+        self.world.engine.reset()
+        plain_before = Tally(plain.seconds, plain.allocated)
+        start = self.meter.reading()
+        report = evaluate(Proxy(), self.examples, num_threads=1, ci=False)
+        end = self.meter.reading()
+        ours.add(start, end)  # evaluate with the plain segments in it ...
+        ours.seconds -= plain.seconds - plain_before.seconds  # ... taken out again
+        ours.allocated -= plain.allocated - plain_before.allocated
+        self._check("evaluate", [record.label for record in report.predictions], plain_labels)
+
+    def program_side(self, ours: Tally, plain: Tally) -> None:
+        """A hand-written loop calling the ``ImageJudge`` program, alternating with the plain body."""
+        labels: list[Label | None] = []
+        plain_labels: list[Label | None] = []
+        self.world.engine.reset()
+        for index, example in enumerate(self.examples):
+            if index % 2 == 0:
+                self._plain(example, plain, plain_labels)
+            start = self.meter.reading()
             try:
-                labels.append(task.parse_label(predict(**example.inputs()).label))
+                labels.append(self.program(**example.inputs()).label)
             except Exception:
                 labels.append(None)
-    _score(labels, [example.label for example in examples])
-    return labels
+            ours.add(start, self.meter.reading())
+            if index % 2 == 1:
+                self._plain(example, plain, plain_labels)
+        self._check("program", labels, plain_labels)
+
+    def module_side(self, ours: Tally, plain: Tally) -> None:
+        """The plain loop's body around a minimal DSPy module (:class:`Wrapper`) instead of the bare predictor:
+        the cost of a DSPy module call itself, the floor under any DSPy program's loop."""
+        labels: list[Label | None] = []
+        plain_labels: list[Label | None] = []
+        self.world.engine.reset()
+        for index, example in enumerate(self.examples):
+            if index % 2 == 0:
+                self._plain(example, plain, plain_labels)
+            start = self.meter.reading()
+            labels.append(plain_body(self.task, self.wrapper, example))
+            ours.add(start, self.meter.reading())
+            if index % 2 == 1:
+                self._plain(example, plain, plain_labels)
+        self._check("module", labels, plain_labels)
+
+    def _calls(self) -> ProgramCalls:
+        self.runs += 1
+        run_dir = self.root / f"run-{self.runs}"
+        return ProgramCalls(
+            task=self.task,
+            judge_sees="image",
+            verbalizer_lm=self.lm,
+            judge_lm=self.lm,
+            proposer_lm=None,
+            ledger=UsageLedger(),
+            journal=CallJournal(run_dir / "cache.sqlite"),
+            vcache=VerbalizationCache(run_dir / "verbalizations.sqlite"),
+            num_threads=1,
+        )
+
+    def compile_side(self, ours: Tally, plain: Tally) -> None:
+        """The compile's candidate scoring, one example per ``predict_many`` call, alternating with the plain body."""
+        calls = self._calls()
+        labels: list[Label | None] = []
+        plain_labels: list[Label | None] = []
+        self.world.engine.reset()
+        for index, example in enumerate(self.examples):
+            if index % 2 == 0:
+                self._plain(example, plain, plain_labels)
+            start = self.meter.reading()
+            labels.extend(record.label for record in calls.predict_many([example], self.candidate))
+            ours.add(start, self.meter.reading())
+            if index % 2 == 1:
+                self._plain(example, plain, plain_labels)
+        self._check("compile", labels, plain_labels)
+
+    def journal_side(self, ours: Tally, plain: Tally) -> None:
+        """The journal lookups and writes of :meth:`compile_side` alone (same keys and values), with plain calls
+        interleaved as elsewhere (they are the reference the journal's cost is compared with)."""
+        calls = self._calls()
+        journal = calls.journal
+        identity = lm_identity(self.lm)
+        plain_labels: list[Label | None] = []
+        self.world.engine.reset()
+        for example in self.examples:
+            self._plain(example, plain, plain_labels)
+            self._plain(example, Tally(), [])  # a second call, so the request check's pairing holds
+            start = self.meter.reading()
+            key = content_key("judge", self.candidate.judge, "image", calls.example_key(example), {}, identity)
+            if journal.get("judge", key) is None:
+                journal.put("judge", key, {"raw_label": "yes", "rationale": "The image matches.", "error": None})
+            ours.add(start, self.meter.reading())
+
+    def sides(self) -> dict[str, Callable[[Tally, Tally], None]]:
+        """The sides by name."""
+        return {
+            "evaluate": self.evaluate_side,
+            "program": self.program_side,
+            "module": self.module_side,
+            "compile": self.compile_side,
+            "journal": self.journal_side,
+        }
 
 
-def program_loop(program: ImageJudge, examples: list[dspy.Example]) -> list[Label | None]:
-    """The same hand-written loop calling the ``ImageJudge`` program (its own LM, parsed labels)."""
-    labels: list[Label | None] = []
-    for example in examples:
-        try:
-            labels.append(program(**example.inputs()).label)
-        except Exception:
-            labels.append(None)
-    _score(labels, [example.label for example in examples])
-    return labels
-
-
-def evaluate_loop(program: ImageJudge, examples: list[dspy.Example]) -> list[Label | None]:
-    """``evaluate(program, examples, num_threads=1, ci=False)``; the predicted labels."""
-    report = evaluate(program, examples, num_threads=1, ci=False)
-    return [record.label for record in report.predictions]
-
-
-def _requests(world: CountingWorld) -> list[tuple[str, str, tuple[tuple[str, tuple[bytes, ...]], ...]]]:
-    return [
-        (call.system, call.user_text, tuple((name, tuple(data)) for name, data in sorted(call.images.items())))
-        for call in world.engine.calls
-    ]
-
-
-def _timed(world: CountingWorld, side: Side) -> tuple[float, float, list[Label | None], list[Any]]:
-    """(CPU seconds, wall seconds, labels, requests) of one run of a side."""
-    world.engine.reset()
-    gc.collect()
-    wall, cpu = time.perf_counter(), time.process_time()
-    labels = side()
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    return cpu, wall, labels, _requests(world)
-
-
-def _function_calls(world: CountingWorld, side: Side) -> int:
-    """Python function calls made by one run of a side (``cProfile``): a deterministic measure of work that a busy
-    machine cannot disturb."""
-    world.engine.reset()
+def _function_calls(run: Callable[[], Any]) -> int:
+    """Python function calls made by one run (``cProfile``): a deterministic measure of work."""
     profile = cProfile.Profile()
     profile.enable()
-    side()
+    run()
     profile.disable()
     return pstats.Stats(profile).total_calls
 
@@ -118,95 +327,90 @@ def _spread(values: list[float]) -> str:
     return f"min {min(values):.3f}, IQR [{q[0]:.3f}, {q[2]:.3f}], max {max(values):.3f}"
 
 
-def run(n_examples: int, repeats: int) -> dict[str, Any]:
-    """Run the benchmark; return the raw timings and the figures printed by :func:`main`."""
-    world = CountingWorld()
-    lm = world.lm
-    examples = world.examples(n_examples, seed=1)
-    program = ImageJudge(world.task, judge_sees="image", judge_lm=lm, verbalizer_lm=lm)
-    predict = dspy.Predict(program.judge.predict.signature)  # the very signature the program's judge uses
-    sides: dict[str, Side] = {
-        "plain": lambda: plain_loop(world.task, predict, lm, examples),
-        "program": lambda: program_loop(program, examples),
-        "evaluate": lambda: evaluate_loop(program, examples),
+def run(n_examples: int, rounds: int) -> dict[str, Any]:
+    """Run the benchmark; return the raw tallies and the figures printed by :func:`main`."""
+    with tempfile.TemporaryDirectory(prefix="blpo-overhead-") as tmp:
+        bench = Bench(n_examples, Path(tmp))
+        sides = bench.sides()
+        for side in sides.values():  # warm-up: imports, adapter and pydantic caches, SQLite statement caches
+            with dspy.context(lm=bench.lm):
+                side(Tally(), Tally())
+        results = [Round() for _ in range(rounds)]
+        gc.collect()
+        with bench.meter:
+            for index, result in enumerate(results):
+                shift = index % len(SIDES)
+                for name in SIDES[shift:] + SIDES[:shift]:
+                    with dspy.context(lm=bench.lm):  # the plain loop's one context (it holds the judge's LM)
+                        sides[name](result.ours[name], result.plain[name])
+            pauses = bench.meter.pause
+        world, examples = bench.world, bench.examples
+        profiled = {
+            "plain": lambda: [plain_body(bench.task, bench.predict, example) for example in examples],
+            "evaluate": lambda: evaluate(bench.program, examples, num_threads=1, ci=False),
+            "program": lambda: [bench.program(**example.inputs()) for example in examples],
+        }
+        function_calls = {}
+        for name, side_run in profiled.items():
+            world.engine.reset()
+            with dspy.context(lm=bench.lm):
+                function_calls[name] = _function_calls(side_run) / n_examples
+    tallies = {
+        name: (sum(r.ours[name].seconds for r in results), sum(r.ours[name].allocated for r in results))
+        for name in SIDES
     }
-    for side in sides.values():  # warm-up: imports, adapter and pydantic caches
-        side()
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    walls: dict[str, list[float]] = {name: [] for name in sides}
-    calls = 0
-    for repeat in range(repeats):
-        order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
-        seen: dict[str, tuple[list[Label | None], list[Any]]] = {}
-        for name in order:
-            cpu, wall, labels, requests = _timed(world, sides[name])
-            times[name].append(cpu)
-            walls[name].append(wall)
-            seen[name] = (labels, requests)
-        reference_labels, reference_requests = seen["plain"]
-        for name, (labels, requests) in seen.items():
-            if requests != reference_requests:
-                raise AssertionError(f"{name} made different LM requests from the plain loop")
-            if labels != reference_labels:
-                raise AssertionError(f"{name} found different labels from the plain loop")
-        calls = len(reference_requests)
-    ratios = [ours / plain for ours, plain in zip(times["evaluate"], times["plain"], strict=True)]
-    wall_ratios = [ours / plain for ours, plain in zip(walls["evaluate"], walls["plain"], strict=True)]
-    program_ratios = [prog / plain for prog, plain in zip(times["program"], times["plain"], strict=True)]
-    median = {name: statistics.median(values) for name, values in times.items()}
-    per_example_us = {name: value / n_examples * 1e6 for name, value in median.items()}
+    plains = {
+        name: (sum(r.plain[name].seconds for r in results), sum(r.plain[name].allocated for r in results))
+        for name in SIDES
+    }
+    all_allocated = sum(max(a, 0) for _, a in tallies.values()) + sum(max(a, 0) for _, a in plains.values()) or 1
 
-    def paired_us(a: str, b: str) -> float:  # median over repetitions of (a - b), per example
-        return statistics.median(x - y for x, y in zip(times[a], times[b], strict=True)) / n_examples * 1e6
+    def with_gc(seconds: float, allocated: int) -> float:
+        return seconds + pauses * max(allocated, 0) / all_allocated
 
+    n_total = rounds * n_examples
+    ratio = {name: with_gc(*tallies[name]) / with_gc(*plains[name]) for name in SIDES}
     return {
         "examples": n_examples,
-        "repeats": repeats,
-        "calls": calls,
-        "function_calls": {name: _function_calls(world, side) / n_examples for name, side in sides.items()},
-        "layers_us": paired_us("program", "plain"),
-        "bookkeeping_us": paired_us("evaluate", "program"),
-        "times": times,
-        "walls": walls,
-        "wall_ratio": statistics.median(wall_ratios),
-        "wall_ratios": wall_ratios,
-        "median": median,
-        "per_example_us": per_example_us,
-        "ratio": statistics.median(ratios),
-        "ratios": ratios,
-        "program_ratio": statistics.median(program_ratios),
-        "program_ratios": program_ratios,
+        "rounds": rounds,
+        "us": {name: with_gc(*tallies[name]) / n_total * 1e6 for name in SIDES},
+        "plain_us": {name: with_gc(*plains[name]) / n_total * 1e6 for name in SIDES},
+        "own_ratio": {name: tallies[name][0] / plains[name][0] for name in SIDES},
+        "round_ratios": {name: [r.ours[name].seconds / r.plain[name].seconds for r in results] for name in SIDES},
+        "gc_pauses_s": pauses,
+        "ratio": ratio,
+        "function_calls": function_calls,
+        "met": ratio["evaluate"] <= TARGET,
     }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse arguments, run, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=200, help="examples per run (default 200)")
-    parser.add_argument("--repeats", type=int, default=15, help="interleaved repetitions (default 15)")
+    parser.add_argument("--examples", type=int, default=200, help="examples per round (default 200)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds over all examples and sides (default 10)")
     args = parser.parse_args(argv)
-    result = run(args.examples, args.repeats)
-    us = result["per_example_us"]
+    result = run(args.examples, args.rounds)
+    us, plain_us, ratio = result["us"], result["plain_us"], result["ratio"]
     print(
-        f"{result['examples']} examples x {result['repeats']} interleaved repetitions, {result['calls']} judge calls "
-        "per side, identical requests and labels on every side"
+        f"{result['examples']} examples x {result['rounds']} rounds, each call of a side next to a plain call on the "
+        f"same example; identical requests and labels; garbage collection {result['gc_pauses_s']:.2f} s in all, "
+        "shared by allocations"
     )
-    for name in ("plain", "program", "evaluate"):
+    for name in SIDES:
         print(
-            f"  {name:9s} median CPU {result['median'][name]:.4f} s = {us[name]:7.1f} us/example "
-            f"(wall {statistics.median(result['walls'][name]):.4f} s)"
+            f"  {name:8s} {us[name]:7.1f} us/example vs plain {plain_us[name]:7.1f}: ratio {ratio[name]:.3f} "
+            f"(without collections {result['own_ratio'][name]:.3f}; per round {_spread(result['round_ratios'][name])})"
         )
+    print(f"evaluate/plain = {ratio['evaluate']:.3f}; target <= {TARGET}: {'met' if result['met'] else 'NOT met'}")
+    floor = us["module"] - plain_us["module"]
+    layer = us["program"] - plain_us["program"]
     print(
-        f"ratio evaluate/plain (CPU time): median {result['ratio']:.3f} ({_spread(result['ratios'])}); "
-        f"target <= {TARGET}: {'met' if result['ratio'] <= TARGET else 'NOT met'}"
-    )
-    print(f"ratio evaluate/plain (wall time): median {result['wall_ratio']:.3f} ({_spread(result['wall_ratios'])})")
-    best = min(result["times"]["evaluate"]) / min(result["times"]["plain"])
-    print(f"ratio of the best (minimum) CPU times, least disturbed by a busy machine: {best:.3f}")
-    print(
-        f"overhead (medians of paired differences): ImageJudge/Judge module layers {result['layers_us']:.1f} "
-        f"us/example (program/plain {result['program_ratio']:.3f}) + evaluate() bookkeeping "
-        f"{result['bookkeeping_us']:.1f} us/example"
+        f"per example: a DSPy module call {floor:+.1f} us (module/plain {ratio['module']:.3f}); ImageJudge beyond "
+        f"it {layer - floor:+.1f} us; evaluate() bookkeeping {us['evaluate'] - plain_us['evaluate'] - layer:+.1f} us "
+        f"(evaluate/module {ratio['evaluate'] / ratio['module']:.3f}); the compile's loop "
+        f"{us['compile'] - plain_us['compile']:+.1f} us, of which content keys, journal lookups and writes "
+        f"{us['journal']:.1f} us"
     )
     calls = result["function_calls"]
     print(

@@ -260,9 +260,11 @@ def _field(prediction: Any, name: str) -> Any:
         return _ABSENT
 
 
-def _optional_text(prediction: Any, name: str) -> str | None:
-    value = _field(prediction, name)
-    return None if value is None or value is _ABSENT else str(value)
+def _text(value: Any) -> str | None:
+    """An optional field as text: ``None`` when absent or ``None``."""
+    if value is None or value is _ABSENT:
+        return None
+    return value if type(value) is str else str(value)
 
 
 def _run_one(program: Any, read_label: _LabelReader, job: _Job) -> PredictionRecord:
@@ -274,23 +276,27 @@ def _run_one(program: Any, read_label: _LabelReader, job: _Job) -> PredictionRec
         logger.debug("%s: program raised", _where(index, ident), exc_info=True)
         return PredictionRecord(index, ident, gold, None, error=_error_text(exc))
     try:
-        value = _field(prediction, LABEL_FIELD)
+        if type(prediction) is dspy.Prediction:  # read from its store: no failed attribute lookups
+            get = prediction.get
+            value, raw = get(LABEL_FIELD, _ABSENT), get("raw_label")
+            rationale, error = get(RATIONALE_FIELD), get("error")
+        else:
+            value = _field(prediction, LABEL_FIELD)
+            raw, rationale, error = (_field(prediction, name) for name in ("raw_label", RATIONALE_FIELD, "error"))
+        raw, rationale, error = (_text(raw), _text(rationale), _text(error))
         if value is _ABSENT:
             return PredictionRecord(
                 index,
                 ident,
                 gold,
                 None,
-                raw_label=_optional_text(prediction, "raw_label"),
-                rationale=_optional_text(prediction, RATIONALE_FIELD),
+                raw_label=raw,
+                rationale=rationale,
                 error=f"the program returned {type(prediction).__name__} without a '{LABEL_FIELD}' field",
             )
         label = read_label(value)
-        raw = _optional_text(prediction, "raw_label")
         if raw is None and value is not None:
             raw = str(value)
-        rationale = _optional_text(prediction, RATIONALE_FIELD)
-        error = _optional_text(prediction, "error")
     except Exception as exc:  # a property raising, a custom label object whose str() raises, ...
         return PredictionRecord(index, ident, gold, None, error=_error_text(exc))
     return PredictionRecord(index, ident, gold, label, raw_label=raw, rationale=rationale, error=error or None)

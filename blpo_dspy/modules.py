@@ -110,21 +110,32 @@ class Judge(dspy.Module):
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
         """Judge one example; never raises for an LM failure or an unparseable label."""
-        signature = self.predict.signature
-        if self._inputs_of[0] is not signature:  # input_fields builds a new dict on every access
-            self._inputs_of = (signature, frozenset(signature.input_fields))
-        wanted = self._inputs_of[1]
-        kwargs = {k: v for k, v in inputs.items() if k in wanted}
+        return self.run(inputs)
+
+    def run(self, inputs: Mapping[str, Any]) -> dspy.Prediction:
+        """What :meth:`forward` does, for a caller that is already a DSPy module call (``ImageJudge``).
+
+        The predictor call goes through DSPy as usual (callbacks, history, usage tracking, traces); only this
+        module's own ``__call__`` layer is skipped. Inputs the signature does not read are ignored.
+        """
+        predict = self.predict
+        signature = predict.signature
+        inputs_of = self._inputs_of
+        if inputs_of[0] is not signature:  # input_fields builds a new dict on every access
+            inputs_of = self._inputs_of = (signature, frozenset(signature.input_fields))
+        wanted = inputs_of[1]
         try:
-            raw = self.predict(**kwargs)
+            raw = predict(**{k: v for k, v in inputs.items() if k in wanted})
         except Exception as exc:  # a failed call is a scored failure, not a crash
             logger.debug("judge call failed: %s", _error_text(exc))
             return dspy.Prediction(label=None, raw_label=None, rationale="", error=_error_text(exc))
-        raw_label = getattr(raw, LABEL_FIELD, None)
+        raw_label = raw.get(LABEL_FIELD)
         label = self.task.parse_label(raw_label)
-        error = None if label is not None else f"unparseable label: {str(raw_label)[:80]!r}"
         return dspy.Prediction(
-            label=label, raw_label=raw_label, rationale=getattr(raw, RATIONALE_FIELD, "") or "", error=error
+            label=label,
+            raw_label=raw_label,
+            rationale=raw.get(RATIONALE_FIELD) or "",
+            error=None if label is not None else f"unparseable label: {str(raw_label)[:80]!r}",
         )
 
 
@@ -133,6 +144,10 @@ class ImageJudge(dspy.Module):
 
     With ``judge_sees="image"`` (the paper's setting) the judge reads the image and the verbalizer serves the
     optimizer only; ``"text"`` makes a cheap text judge over verbalizations; ``"both"`` gives the judge both.
+
+    One call is one DSPy module call (this program's) around its predictor calls: the inner ``Judge`` runs through
+    :meth:`Judge.run`, not a second module call, so DSPy callbacks and module histories see ``ImageJudge`` and the
+    predictors (whose calls, traces and usage are recorded as usual) but not the ``Judge`` wrapper in between.
 
     Args:
         task: The task (a ``Task`` or a built-in task name).
@@ -218,8 +233,13 @@ class ImageJudge(dspy.Module):
                 return dspy.Prediction(
                     label=None, raw_label=None, rationale="", error="verbalizer: " + _error_text(exc)
                 )
-        with _lm_context(self.judge_lm):
-            result = self.judge(**inputs, **descriptions)
+        judge_inputs = {**inputs, **descriptions} if descriptions else inputs
+        lm = self.judge_lm
+        if lm is None or dspy.settings.lm is lm:  # already the current LM (one context per loop, or configured)
+            result = self.judge.run(judge_inputs)
+        else:
+            with dspy.context(lm=lm):
+                result = self.judge.run(judge_inputs)
         if descriptions:
             result = dspy.Prediction(**result.toDict(), **descriptions)
         return result

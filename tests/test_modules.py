@@ -12,6 +12,7 @@ from typing import Any
 
 import dspy
 import pytest
+from dspy.utils.callback import BaseCallback
 from PIL import Image as PILImage
 
 from blpo_dspy.images import LazyImage
@@ -216,6 +217,67 @@ def test_without_own_lms_the_configured_lm_is_used() -> None:
     with dspy.context(lm=engine.lm()):
         assert program(image=_image(RED), prompt="p").label == "no"
     assert [c.role for c in engine.calls] == ["verbalizer", "judge"]
+
+
+@pytest.mark.parametrize("judge_sees", ["image", "text"])
+def test_own_lms_win_over_the_configured_lm_whether_or_not_it_is_the_judge_lm(judge_sees: str) -> None:
+    engines = Engines()
+    stranger = ScriptedEngine(rules=[_describe_colour, _judge_says("no")], model="stranger")
+    program = engines.program(judge_sees=judge_sees)
+    for configured in (stranger.lm(), engines.judge_lm, engines.verbalizer_lm):
+        with dspy.context(lm=configured):
+            assert program(image=_image(RED), prompt="p").label == "yes"
+        assert dspy.settings.lm is None  # nothing leaked out of the call
+    assert stranger.count() == 0
+    assert engines.judge.count("judge") == 3 and engines.judge.count("verbalizer") == 0
+    assert engines.verbalizer.count("judge") == 0
+    assert engines.verbalizer.count("verbalizer") == (3 if judge_sees == "text" else 0)
+
+
+class _ModuleCalls(BaseCallback):
+    def __init__(self) -> None:
+        self.started: list[Any] = []
+
+    def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.started.append(instance)
+
+
+@pytest.mark.parametrize("judge_sees", ["image", "text"])
+def test_one_dspy_module_call_per_example_with_usage_and_callbacks_on_the_predictors(judge_sees: str) -> None:
+    engines = Engines()
+    program = engines.program(judge_sees=judge_sees)
+    callback = _ModuleCalls()
+    with dspy.context(callbacks=[callback], track_usage=True):
+        prediction = program(image=_image(RED), prompt="p")
+    assert prediction.label == "yes"
+    # ImageJudge is the module call; its predictors are seen as usual; the inner Judge wrapper is not a second call
+    expected = (
+        [program, program.judge.predict]
+        if judge_sees == "image"
+        else [program, program.verbalizer, program.verbalizer.predict, program.judge.predict]
+    )
+    assert callback.started == expected
+    usage = prediction.get_lm_usage()
+    assert usage["scripted/judge"]["prompt_tokens"] > 0
+    assert set(usage) == ({"scripted/judge", "scripted/vlm"} if judge_sees == "text" else {"scripted/judge"})
+    assert len(program.judge.predict.history) == 1  # DSPy's per-module histories: the program holds all its calls
+    assert len(program.history) == (2 if judge_sees == "text" else 1)
+    assert len(program.judge.history) == 0
+
+
+def test_judge_run_is_the_judge_call_without_the_module_layer() -> None:
+    engines = Engines(_judge_says("No!"))
+    judge = Judge(ALIGNMENT, "image")
+    inputs = {"image": _image(RED), "prompt": "p", "unused": 1}
+    with dspy.context(lm=engines.judge_lm):
+        by_run, by_call = judge.run(inputs), judge(**inputs)
+    assert (
+        by_run.toDict()
+        == by_call.toDict()
+        == {"label": "no", "raw_label": "No!", "rationale": "Because.", "error": None}
+    )
+    assert [call.inputs.get("unused") for call in engines.judge.calls] == [None, None]
+    assert len(judge.history) == 1  # only the module call recorded itself
 
 
 # --------------------------------------------------------------------------------------------- copies

@@ -204,9 +204,10 @@ class ProgramCalls:
             self._mark_seen(key)
             judge = self._judge_for(p)
             inputs = {name: example[name] for name in self.task.input_fields}
+            inputs.update(descriptions)
             began = time.perf_counter()
             with dspy.context(lm=self.judge_lm), dspy.track_usage() as usage:
-                result = judge(**inputs, **descriptions)
+                result = judge.run(inputs)
             self.ledger.record_time("judge", time.perf_counter() - began)
             self.ledger.record_tokens("judge", usage.get_total_tokens())
             if result.label is None:
