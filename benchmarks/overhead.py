@@ -220,8 +220,8 @@ class Bench:
         ours.allocated -= plain.allocated - plain_before.allocated
         self._check("evaluate", [record.label for record in report.predictions], plain_labels)
 
-    def program_side(self, ours: Tally, plain: Tally) -> None:
-        """A hand-written loop calling the ``ImageJudge`` program, alternating with the plain body."""
+    def _alternate(self, name: str, ours: Tally, plain: Tally, call: Callable[[dspy.Example], Label | None]) -> None:
+        """Run ``call`` on every example, each time right after (even examples) or before (odd) the plain body."""
         labels: list[Label | None] = []
         plain_labels: list[Label | None] = []
         self.world.engine.reset()
@@ -229,30 +229,27 @@ class Bench:
             if index % 2 == 0:
                 self._plain(example, plain, plain_labels)
             start = self.meter.reading()
-            try:
-                labels.append(self.program(**example.inputs()).label)
-            except Exception:
-                labels.append(None)
+            labels.append(call(example))
             ours.add(start, self.meter.reading())
             if index % 2 == 1:
                 self._plain(example, plain, plain_labels)
-        self._check("program", labels, plain_labels)
+        self._check(name, labels, plain_labels)
+
+    def program_side(self, ours: Tally, plain: Tally) -> None:
+        """A hand-written loop calling the ``ImageJudge`` program, alternating with the plain body."""
+
+        def call(example: dspy.Example) -> Label | None:
+            try:
+                return self.program(**example.inputs()).label
+            except Exception:
+                return None
+
+        self._alternate("program", ours, plain, call)
 
     def module_side(self, ours: Tally, plain: Tally) -> None:
         """The plain loop's body around a minimal DSPy module (:class:`Wrapper`) instead of the bare predictor:
         the cost of a DSPy module call itself, the floor under any DSPy program's loop."""
-        labels: list[Label | None] = []
-        plain_labels: list[Label | None] = []
-        self.world.engine.reset()
-        for index, example in enumerate(self.examples):
-            if index % 2 == 0:
-                self._plain(example, plain, plain_labels)
-            start = self.meter.reading()
-            labels.append(plain_body(self.task, self.wrapper, example))
-            ours.add(start, self.meter.reading())
-            if index % 2 == 1:
-                self._plain(example, plain, plain_labels)
-        self._check("module", labels, plain_labels)
+        self._alternate("module", ours, plain, lambda example: plain_body(self.task, self.wrapper, example))
 
     def _calls(self) -> ProgramCalls:
         self.runs += 1
@@ -272,18 +269,7 @@ class Bench:
     def compile_side(self, ours: Tally, plain: Tally) -> None:
         """The compile's candidate scoring, one example per ``predict_many`` call, alternating with the plain body."""
         calls = self._calls()
-        labels: list[Label | None] = []
-        plain_labels: list[Label | None] = []
-        self.world.engine.reset()
-        for index, example in enumerate(self.examples):
-            if index % 2 == 0:
-                self._plain(example, plain, plain_labels)
-            start = self.meter.reading()
-            labels.extend(record.label for record in calls.predict_many([example], self.candidate))
-            ours.add(start, self.meter.reading())
-            if index % 2 == 1:
-                self._plain(example, plain, plain_labels)
-        self._check("compile", labels, plain_labels)
+        self._alternate("compile", ours, plain, lambda example: calls.predict_many([example], self.candidate)[0].label)
 
     def journal_side(self, ours: Tally, plain: Tally) -> None:
         """The journal lookups and writes of :meth:`compile_side` alone (same keys and values), with plain calls
