@@ -218,6 +218,7 @@ def _split(args: argparse.Namespace, examples: list[Any]) -> dict[str, list[Any]
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
+    from blpo_dspy.cache import CallJournal, VerbalizationCache
     from blpo_dspy.evaluation import evaluate
     from blpo_dspy.lm_specs import build_lm
     from blpo_dspy.modules import ImageJudge
@@ -260,12 +261,19 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     )
     print(json.dumps(compiled.best_instructions_, indent=2, ensure_ascii=False))
     if splits.get("test"):
+        # Journaled in the run directory and on the compile's verbalization cache: a resumed compile replays the
+        # held-out examples (and verbalizations) finished before the kill instead of asking them again.
+        journal = CallJournal(args.run_dir / "cache.sqlite")
+        cache = VerbalizationCache(args.cache or args.run_dir / "cache.sqlite")
         evaluations = args.run_dir / "evaluations"
         evaluations.mkdir(exist_ok=True)
         for name, candidate in (("seed", program), ("compiled", compiled)):
-            report = evaluate(candidate, splits["test"], num_threads=args.threads, seed=args.seed)
+            candidate = candidate.deepcopy()
+            candidate.set_cache(cache)
+            report = evaluate(candidate, splits["test"], num_threads=args.threads, seed=args.seed, journal=journal)
             (evaluations / f"{name}.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
-            print(f"\nheld-out test split, {name} program (n={report.n}):\n{report.table()}")
+            replayed = f"; {report.replayed} replayed from the run's journal" if report.replayed else ""
+            print(f"\nheld-out test split, {name} program (n={report.n}{replayed}):\n{report.table()}")
     _write_report(args.run_dir)
     print(f"\nprogram: {args.run_dir / 'program.json'}")
     return 0

@@ -150,7 +150,7 @@ def run_demo(
     Returns:
         The measurements (see ``DemoResult.summary``).
     """
-    from blpo_dspy.cache import VerbalizationCache
+    from blpo_dspy.cache import CallJournal, VerbalizationCache
     from blpo_dspy.data import load_manifest, stratified_split
     from blpo_dspy.data.synthetic import make_compliance_dataset
     from blpo_dspy.lm_specs import local_role_lm
@@ -192,6 +192,7 @@ def run_demo(
     evaluations = run_dir / "evaluations"
     evaluations.mkdir(parents=True, exist_ok=True)
     cache = VerbalizationCache(run_dir / "eval-cache.sqlite")
+    journal = CallJournal(run_dir / "cache.sqlite")  # held-out answers, replayed by a resumed demo
     eval_seconds: dict[str, float] = {}
 
     def held_out(name: str, candidate: ImageJudge) -> EvaluationReport:
@@ -199,7 +200,7 @@ def run_demo(
         began = time.time()
         candidate = candidate.deepcopy()
         candidate.set_cache(cache)
-        report = evaluate(candidate, splits["test"], num_threads=num_threads, seed=seed)
+        report = evaluate(candidate, splits["test"], num_threads=num_threads, seed=seed, journal=journal)
         eval_seconds[name] = time.time() - began
         (evaluations / f"{name}.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
         logger.info("%s program: %s", name, report.primary_score.format())

@@ -10,12 +10,18 @@ and ``error`` (a string, when the call failed). A raised exception, a missing ``
 ``error`` makes the example a *failed call*; a ``None`` label with no error is a *parse failure*. Both count as
 wrong answers in every metric (see :mod:`blpo_dspy.metrics`). A label returned together with an ``error`` is
 still scored (the call is counted as failed all the same).
+
+With a ``journal`` (a run directory's :class:`~blpo_dspy.cache.CallJournal`), every answered example is recorded
+under the content of the program (its saved state and LMs) and of the example's inputs, and an evaluation run again
+over the same journal replays those records instead of calling the program: a killed ``blpo compile`` or
+``blpo demo`` resumed with ``--resume`` does not ask its held-out examples again.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +29,7 @@ from typing import Any
 import dspy
 from dspy.utils.parallelizer import ParallelExecutor
 
+from blpo_dspy.cache import CallJournal, content_key, lm_identity
 from blpo_dspy.metrics import (
     METRICS,
     ConfusionMatrix,
@@ -107,6 +114,8 @@ class EvaluationReport:
         n: Number of examples.
         confusion: Confusion matrix (task label order, plus an ``unparsed`` column for both failure kinds).
         confidence: Coverage of the confidence intervals.
+        replayed: Records read from the journal instead of calling the program (not part of :meth:`to_dict`: a
+            resumed evaluation writes the same report as an uninterrupted one).
     """
 
     task_name: str
@@ -118,6 +127,7 @@ class EvaluationReport:
     n: int
     confusion: ConfusionMatrix
     confidence: float = 0.95
+    replayed: int = 0
 
     @property
     def primary_score(self) -> Score:
@@ -267,6 +277,63 @@ def _text(value: Any) -> str | None:
     return value if type(value) is str else str(value)
 
 
+class _Replay:
+    """An evaluation's records in a call journal, keyed by (program, example inputs) content.
+
+    Only answered examples are recorded (the LM gave a label, parsed or not); a failed call is asked again.
+    """
+
+    namespace = "evaluation"
+
+    def __init__(self, journal: CallJournal, program: Any) -> None:
+        if not isinstance(program, dspy.Module):
+            raise TypeError(
+                "evaluate(journal=...) needs a dspy.Module (its saved state identifies it), "
+                f"got {type(program).__name__}"
+            )
+        lms = {name: lm_identity(value) for name, value in vars(program).items() if isinstance(value, dspy.BaseLM)}
+        lms.update({f"{name}.lm": lm_identity(p.lm) for name, p in program.named_predictors() if p.lm is not None})
+        kind = f"{type(program).__module__}.{type(program).__qualname__}"
+        self.program = content_key(kind, program.dump_state(), lms, lm_identity(dspy.settings.lm))
+        self.journal = journal
+        self.replayed = 0
+        self._lock = threading.Lock()
+
+    def key(self, job: _Job) -> str:
+        """The journal key of one example under this program."""
+        return content_key(self.namespace, self.program, job.inputs)
+
+    def get(self, key: str, job: _Job) -> PredictionRecord | None:
+        """The recorded outcome of the example, or ``None``."""
+        stored = self.journal.get(self.namespace, key)
+        if stored is None:
+            return None
+        with self._lock:
+            self.replayed += 1
+        return PredictionRecord(
+            job.index, job.id, job.gold, stored["label"], stored["raw_label"], stored["rationale"], stored["error"]
+        )
+
+    def put(self, key: str, record: PredictionRecord) -> None:
+        """Record an answered example (a failed call, or a label that does not survive JSON, is not recorded)."""
+        if record.raw_label is None or type(record.label) not in (str, int, type(None)):
+            return
+        fields = {"label": record.label, "raw_label": record.raw_label, "rationale": record.rationale}
+        self.journal.put(self.namespace, key, {**fields, "error": record.error})
+
+
+def _run_journaled(program: Any, read_label: _LabelReader, job: _Job, replay: _Replay | None) -> PredictionRecord:
+    """:func:`_run_one`, replayed from the journal when it holds the example, recorded there when answered."""
+    if replay is None:
+        return _run_one(program, read_label, job)
+    key = replay.key(job)
+    record = replay.get(key, job)
+    if record is None:
+        record = _run_one(program, read_label, job)
+        replay.put(key, record)
+    return record
+
+
 def _run_one(program: Any, read_label: _LabelReader, job: _Job) -> PredictionRecord:
     """Call the program on one example; never raises (except ``BaseException``s such as ``KeyboardInterrupt``)."""
     index, ident, gold = job.index, job.id, job.gold
@@ -302,7 +369,9 @@ def _run_one(program: Any, read_label: _LabelReader, job: _Job) -> PredictionRec
     return PredictionRecord(index, ident, gold, label, raw_label=raw, rationale=rationale, error=error or None)
 
 
-def _run_threaded(program: Any, read_label: _LabelReader, jobs: list[_Job], num_threads: int) -> list[PredictionRecord]:
+def _run_threaded(
+    program: Any, read_label: _LabelReader, jobs: list[_Job], num_threads: int, replay: _Replay | None
+) -> list[PredictionRecord]:
     """Run the jobs on ``num_threads`` threads with DSPy's ``ParallelExecutor`` (workers inherit the caller's
     ``dspy.context``); results in input order."""
     executor = ParallelExecutor(
@@ -312,7 +381,7 @@ def _run_threaded(program: Any, read_label: _LabelReader, jobs: list[_Job], num_
         provide_traceback=False,
         timeout=0,  # no straggler re-submission: a slow LM call must not be paid twice
     )
-    results = executor.execute(lambda job: _run_one(program, read_label, job), jobs)
+    results = executor.execute(lambda job: _run_journaled(program, read_label, job, replay), jobs)
     records: list[PredictionRecord] = []
     for job, result in zip(jobs, results, strict=True):
         if not isinstance(result, PredictionRecord):  # only if the executor itself failed on this item
@@ -340,6 +409,7 @@ def evaluate(
     n_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    journal: CallJournal | None = None,
 ) -> EvaluationReport:
     """Run a judge program on labelled examples and score it against the human labels.
 
@@ -361,12 +431,15 @@ def evaluate(
         n_resamples: Bootstrap resamples.
         seed: Bootstrap seed.
         confidence: Interval coverage.
+        journal: Record each answered example here and replay the examples already recorded for the same program
+            (see the module docstring). Needs a ``dspy.Module`` program.
 
     Returns:
         The :class:`EvaluationReport`.
 
     Raises:
-        TypeError: No task given and the program has none, or an item is not a ``dspy.Example``.
+        TypeError: No task given and the program has none, an item is not a ``dspy.Example``, or a journal is given
+            for a program that is not a ``dspy.Module``.
         ValueError: No examples, an example without inputs, unknown metric names, bad ``num_threads``.
         LabelError: A gold label is missing or outside the label space (the message names the example).
     """
@@ -384,12 +457,15 @@ def evaluate(
     jobs = _check_examples(task, examples)
 
     read_label = _LabelReader(task)
+    replay = _Replay(journal, program) if journal is not None else None
     if num_threads == 1:
         # In the caller's thread and context, as DSPy's ParallelExecutor does at one thread, minus its per-item
         # progress bookkeeping (quadratic in the number of examples) and wrappers.
-        records = [_run_one(program, read_label, job) for job in jobs]
+        records = [_run_journaled(program, read_label, job, replay) for job in jobs]
     else:
-        records = _run_threaded(program, read_label, jobs, num_threads)
+        records = _run_threaded(program, read_label, jobs, num_threads, replay)
+    if replay is not None and replay.replayed:
+        logger.info("%d of %d examples replayed from the journal", replay.replayed, len(records))
 
     errors = [r for r in records if r.failed]
     if errors:
@@ -416,4 +492,5 @@ def evaluate(
         n=len(records),
         confusion=confusion_matrix(task, y_true, y_pred),
         confidence=confidence,
+        replayed=replay.replayed if replay is not None else 0,
     )

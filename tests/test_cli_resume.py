@@ -199,3 +199,37 @@ def test_killed_compile_resumes_without_repeating_finished_calls(
         assert before <= expected and after <= expected and before + after >= expected
     run_dir = resumed.run_dir
     assert integrity(run_dir / "cache.sqlite") == integrity(run_dir / "study.db") == "ok"
+
+
+HELD_OUT = ("--split-sizes", "train=12,val=8,test=4")  # the same compile, plus a held-out split evaluated after it
+
+
+def test_a_kill_during_the_held_out_evaluation_resumes_without_asking_finished_examples_again(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "data", CountingWorld().examples(N_EXAMPLES, seed=DATA_SEED))
+    for name in ("reference", "trial"):
+        (tmp_path / name).mkdir()
+    reference = run_one(CompileProcess(tmp_path / "reference", "run", manifest, extra=HELD_OUT))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    compile_calls = reference.state()["usage"]["total"]["calls"]
+    held_out_calls = len(reference.calls) - compile_calls  # seed and compiled programs on the 4 test examples
+    assert held_out_calls >= 8
+    kill_at = compile_calls + held_out_calls // 2 + 1  # in the middle of the held-out evaluations
+
+    killed = run_one(CompileProcess(tmp_path / "trial", "run", manifest, "killed", kill_at=kill_at, extra=HELD_OUT))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert killed.state()["status"] == "finished" and len(killed.calls) == kill_at - 1
+    resumed = run_one(CompileProcess(tmp_path / "trial", "run", manifest, "resumed", resume=True, extra=HELD_OUT))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    # the compile is replayed, and of the held-out evaluations only what the killed run did not finish is asked
+    assert resumed.state()["usage"]["total"]["calls"] == 0
+    assert resumed.state()["usage"]["total"]["replayed"] == compile_calls
+    assert Counter(c.request for c in killed.calls) + Counter(c.request for c in resumed.calls) == Counter(
+        c.request for c in reference.calls
+    )
+    assert len(resumed.calls) == len(reference.calls) - len(killed.calls) > 0
+    assert "replayed from the run's journal" in resumed.stdout
+    for name in ("seed", "compiled"):  # and the reports are the uninterrupted run's
+        path = Path("evaluations") / f"{name}.json"
+        assert (resumed.run_dir / path).read_text() == (reference.run_dir / path).read_text(), name
+    assert integrity(resumed.run_dir / "cache.sqlite") == "ok"

@@ -380,3 +380,65 @@ def test_gold_labels_are_validated_per_value_and_type() -> None:
     assert [r.gold for r in report.predictions] == ["yes"] * 4
     with pytest.raises(LabelError, match=r"example 3 \(id='ex3'\): field 'label'"):
         evaluate(lambda **_: dspy.Prediction(label="yes"), _examples(["yes", 1, "yes", True]), task=ALIGNMENT)
+
+
+# --------------------------------------------------------------------------------------------- journal
+def _journal_case() -> tuple[ScriptedEngine, ImageJudge, list[dspy.Example]]:
+    engine = _prompt_judge_engine()
+    lm = engine.lm(num_retries=0)
+    program = ImageJudge(ALIGNMENT, judge_sees="image", judge_lm=lm, verbalizer_lm=lm)
+    answers = ["say:yes", "fail", "say:maybe", "say:No.", "say:yes", "fail-2"]
+    examples = [
+        dspy.Example(id=f"e{i}", image=_image((i * 30, 5, 0)), prompt=answer, label=gold).with_inputs("image", "prompt")
+        for i, (answer, gold) in enumerate(zip(answers, ["yes", "no"] * 3, strict=True))
+    ]
+    return engine, program, examples
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_journal_replays_answered_examples_and_asks_failed_ones_again(tmp_path: Any, threads: int) -> None:
+    from blpo_dspy.cache import CallJournal
+
+    engine, program, examples = _journal_case()
+    journal = CallJournal(tmp_path / "cache.sqlite")
+    first = evaluate(program, examples, num_threads=threads, ci=False, journal=journal)
+    assert first.replayed == 0 and engine.count("judge") == len(examples)
+    assert journal.store.count("evaluation") == 4  # the two failed calls are not recorded
+
+    engine.reset()
+    again = evaluate(
+        program.deepcopy(), examples, num_threads=threads, ci=False, journal=CallJournal(journal.store.path)
+    )
+    assert again.to_dict() == first.to_dict()  # the same report, byte for byte once serialised
+    assert again.replayed == 4
+    assert sorted(call.inputs["prompt"] for call in engine.calls) == ["fail", "fail-2"]  # only the failed calls
+
+    baseline = evaluate(program, examples, num_threads=threads, ci=False)  # no journal: every example is asked
+    assert baseline.to_dict() == first.to_dict() and baseline.replayed == 0
+
+
+def test_the_journal_key_is_the_program_and_the_example(tmp_path: Any) -> None:
+    from blpo_dspy.cache import CallJournal
+
+    engine, program, examples = _journal_case()
+    journal = CallJournal(tmp_path / "cache.sqlite")
+    evaluate(program, examples[:3], ci=False, journal=journal)
+    engine.reset()
+    changed = program.with_instructions(judge="Judge strictly.")
+    assert evaluate(changed, examples[:3], ci=False, journal=journal).replayed == 0  # another instruction
+    other_lm = ImageJudge(ALIGNMENT, judge_sees="image", judge_lm=_prompt_judge_engine().lm(model="other"))
+    assert evaluate(other_lm, examples[:3], ci=False, journal=journal).replayed == 0  # another judge model
+    assert engine.count("judge") == 3
+    engine.reset()
+    report = evaluate(program, examples, ci=False, journal=journal)  # the first 3 again, and 3 new examples
+    assert report.replayed == 2 and len(engine.calls) == 4  # "fail" (example 1) was not recorded
+
+
+def test_a_journal_needs_a_dspy_module(tmp_path: Any) -> None:
+    from blpo_dspy.cache import CallJournal
+
+    def program(image: dspy.Image, prompt: str) -> dspy.Prediction:
+        return dspy.Prediction(label="yes")
+
+    with pytest.raises(TypeError, match=r"dspy\.Module"):
+        evaluate(program, _examples(["yes"]), task=ALIGNMENT, journal=CallJournal(tmp_path / "cache.sqlite"))
