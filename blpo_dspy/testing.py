@@ -160,7 +160,13 @@ class ScriptedEngine:
         self.role_of = role_of
         self.model = model
         self.calls: list[ScriptedCall] = []
+        self.requests: list[Request] = []  # the raw requests, in the order of ``calls``
         self._lock = threading.Lock()
+
+    @classmethod
+    def answering(cls, text: str, *, model: str = "scripted") -> ScriptedEngine:
+        """An engine that answers every request with ``text`` verbatim (and records it)."""
+        return cls(default=lambda call: text, model=model)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ScriptedEngine:
         return self
@@ -175,6 +181,7 @@ class ScriptedEngine:
         call = parse_request(request, self.role_of)
         with self._lock:
             self.calls.append(call)
+            self.requests.append(request)
         answer: Answer = None
         for rule in self.rules:
             answer = rule(call)
@@ -226,6 +233,7 @@ class ScriptedEngine:
         """Forget recorded calls."""
         with self._lock:
             self.calls.clear()
+            self.requests.clear()
 
     @staticmethod
     def _render(call: ScriptedCall, fields: Mapping[str, Any]) -> str:

@@ -160,6 +160,19 @@ def test_an_exception_answer_raises_and_is_recorded() -> None:
     assert engine.calls[0].inputs == {"question": "q"}
 
 
+def test_an_answering_engine_returns_its_text_to_every_request_and_keeps_the_raw_requests() -> None:
+    engine = ScriptedEngine.answering(chat_answer(answer="42"), model="fixed")
+    with dspy.context(lm=engine.lm()):
+        assert dspy.Predict("question -> answer")(question="q1").answer == "42"
+        assert dspy.Predict("text -> answer")(text="t").answer == "42"
+    assert [c.inputs for c in engine.calls] == [{"question": "q1"}, {"text": "t"}]
+    assert [type(r) for r in engine.requests] == [Request, Request]
+    assert [r.model for r in engine.requests] == ["scripted/fixed", "scripted/fixed"]
+    assert "q1" in str(engine.requests[0].messages[-1]) and "q1" not in str(engine.requests[1].messages[-1])
+    engine.reset()
+    assert engine.requests == [] and engine.calls == []
+
+
 # --------------------------------------------------------------------------------------------- bookkeeping
 def test_count_calls_for_and_reset() -> None:
     engine = ScriptedEngine()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import dspy
 import pytest
-from dspy.lm15 import ImagePart, Message, Request, Response, UnsupportedFeatureError, Usage
+from dspy.lm15 import ImagePart, Message, Request, UnsupportedFeatureError
 from PIL import Image, ImageDraw
 
 from blpo_dspy.data.synthetic import COLOURS, BannerSpec, generate_specs, render_banner
@@ -20,6 +19,9 @@ from blpo_dspy.engines.factsheet import (
     compute_fact_sheet,
 )
 from blpo_dspy.task import Task
+from blpo_dspy.testing import ScriptedEngine
+
+DESCRIPTION = "A blue banner with three red circles."
 
 
 def _png(image: Image.Image) -> bytes:
@@ -104,34 +106,10 @@ def test_cache_computes_each_image_once() -> None:
     assert (cache.hits, cache.misses) == (1, 1)
 
 
-class ScriptedText:
-    """A text engine that records requests and answers with a fixed description."""
-
-    def __init__(self, answer: str = "A blue banner with three red circles.") -> None:
-        self.answer = answer
-        self.requests: list[Request] = []
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> ScriptedText:
-        return self
-
-    def complete(self, request: Request) -> Response:
-        self.requests.append(request)
-        return Response(
-            id=None,
-            model=request.model,
-            message=Message.assistant(self.answer),
-            finish_reason="stop",
-            usage=Usage(input_tokens=40, output_tokens=9, total_tokens=49),
-        )
-
-    def close(self) -> None:
-        pass
-
-
 def test_verbalizer_rewrites_the_fact_sheet_under_the_instruction() -> None:
     task = Task.load("compliance")
     spec = generate_specs(2, seed=13)[0]
-    text = ScriptedText()
+    text = ScriptedEngine.answering(DESCRIPTION)
     lm = dspy.LM("factsheet/test", engine=FactSheetEngine(text, ocr=False), cache=False)
     instruction = "Count the shapes of each colour and name the corner of the square logo."
     verbalizer = dspy.Predict(task.verbalizer_signature(instruction))
@@ -158,7 +136,7 @@ def test_verbalizer_rewrites_the_fact_sheet_under_the_instruction() -> None:
 def test_fact_sheet_only_mode_and_text_requests_pass_through() -> None:
     task = Task.load("compliance")
     spec = generate_specs(2, seed=13)[1]
-    text = ScriptedText('{"rationale": "fine", "label": "yes"}')
+    text = ScriptedEngine.answering('{"rationale": "fine", "label": "yes"}')
     lm = dspy.LM("factsheet/test", engine=FactSheetEngine(text, rewrite=False, ocr=False), cache=False)
     with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
         prediction = dspy.Predict(task.verbalizer_signature())(image=dspy.Image(render_banner(spec)), brief="b")
@@ -189,11 +167,14 @@ def test_remote_images_are_refused_with_a_clear_error() -> None:
 def test_text_fields_can_be_left_out_of_the_rewrite() -> None:
     task = Task.load("compliance")
     spec = generate_specs(1, seed=17)[0]
-    text = ScriptedText()
+    text = ScriptedEngine.answering(DESCRIPTION)
     engine = FactSheetEngine(text, ocr=False, include_text_fields=False)
     with dspy.context(lm=dspy.LM("factsheet/test", engine=engine, cache=False)):
         dspy.Predict(task.verbalizer_signature())(image=dspy.Image(render_banner(spec)), brief=spec.brief)
     prompt = text.requests[0].messages[0].text or ""
     assert spec.brief not in prompt and "Context given with the image" not in prompt
     assert f"Background colour: {spec.background}." in prompt
-    assert FactSheetEngine.load_state(engine.dump_state()).include_text_fields is False
+    state = engine.dump_state()
+    assert state["include_text_fields"] is False and state["text_engine"] == {"model": "scripted"}
+    # load_state rebuilds a saved text engine as a local llama.cpp model; without one, the setting still round-trips
+    assert FactSheetEngine.load_state({**state, "text_engine": None}).include_text_fields is False

@@ -7,39 +7,15 @@ from typing import Any, Literal
 
 import dspy
 import pytest
-from dspy.lm15 import Message, Request, Response, Usage
 
 from blpo_dspy.engines import prompt_format
 from blpo_dspy.engines.prompt_format import OutputField, build_schema, parse_output_fields
 from blpo_dspy.task import Task
-
-
-class CapturingEngine:
-    """Records requests and answers with a fixed text."""
-
-    def __init__(self, answer: str = "") -> None:
-        self.answer = answer
-        self.requests: list[Request] = []
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> CapturingEngine:
-        return self
-
-    def complete(self, request: Request) -> Response:
-        self.requests.append(request)
-        return Response(
-            id=None,
-            model=request.model,
-            message=Message.assistant(self.answer),
-            finish_reason="stop",
-            usage=Usage(input_tokens=1, output_tokens=1),
-        )
-
-    def close(self) -> None:
-        pass
+from blpo_dspy.testing import ScriptedEngine
 
 
 def system_prompt(signature: type[dspy.Signature], adapter: dspy.Adapter | None = None, **inputs: Any) -> str:
-    engine = CapturingEngine()
+    engine = ScriptedEngine.answering("")
     lm = dspy.LM("capture/model", engine=engine, cache=False)
     with dspy.context(lm=lm, adapter=adapter or dspy.ChatAdapter()):
         try:
