@@ -102,14 +102,17 @@ def test_compile_evaluate_and_report(
     assert evaluated["n"] == len(splits["ids"]["test"])
     assert evaluated["scores"]["macro_f1"]["value"] == compiled["scores"]["macro_f1"]["value"]
 
-    # resuming a finished compile replays it without new LM calls
+    # resuming a finished compile replays it, held-out evaluations included, without a single new LM call
     calls = len(world.engine.calls)
     rc = cli.main([*compile_args, "--resume"])
+    out = capsys.readouterr().out
     assert rc == 0
-    new_calls = world.engine.calls[calls:]
-    assert not [c for c in new_calls if c.role == "proposer"]  # the search itself was replayed from the journal
+    assert world.engine.calls[calls:] == []
     n_test = len(splits["ids"]["test"])
-    assert len(new_calls) == 2 * 2 * n_test  # only the two held-out evaluations (verbalize + judge each)
+    assert out.count(f"(n={n_test}; {n_test} replayed from the run's journal)") == 2  # seed and compiled programs
+    for name in ("seed", "compiled"):
+        replayed = json.loads((run_dir / "evaluations" / f"{name}.json").read_text())
+        assert replayed == (compiled if name == "compiled" else seed)
 
 
 def test_errors_are_reported_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
