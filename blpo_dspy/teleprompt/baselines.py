@@ -39,12 +39,11 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from blpo_dspy.budget import ROLES, TOTAL, BudgetExhaustedError, UsageLedger, normalise_caps
-from blpo_dspy.cache import CallJournal, VerbalizationCache
 from blpo_dspy.metrics import METRICS, corpus_value, primary_metric
 from blpo_dspy.task import Label, Task
 from blpo_dspy.teleprompt.blpo import BLPO
 from blpo_dspy.teleprompt.builtins import LMCallCounter, empty_usage
-from blpo_dspy.teleprompt.calls import Candidate, JudgeRecord, ProgramCalls
+from blpo_dspy.teleprompt.calls import Candidate, JudgeRecord, ProgramCalls, program_setup
 from blpo_dspy.teleprompt.errors import BalancedSampler, BatchSampler
 from blpo_dspy.teleprompt.inputs import check_compile_inputs
 from blpo_dspy.teleprompt.proposers import (
@@ -338,24 +337,15 @@ class _Search(ProgramCalls):
     def __init__(
         self, opt: _JudgeInstructionSearch, student: dspy.Module, trainset: list[Any], valset: list[Any], store: Path
     ) -> None:
-        judge_lm = getattr(student, "judge_lm", None) or dspy.settings.lm
-        verbalizer_lm = getattr(student, "verbalizer_lm", None) or dspy.settings.lm
-        judge_sees: str = getattr(student, "judge_sees", "image")
-        if judge_lm is None:
-            raise ValueError("no LM for the judge: give the program a judge_lm or call dspy.configure(lm=...)")
-        if judge_sees != "image" and verbalizer_lm is None:
-            raise ValueError(
-                "no LM for the verbalizer: give the program a verbalizer_lm or call dspy.configure(lm=...)"
-            )
         super().__init__(
-            task=student.task,
-            judge_sees=judge_sees,
-            verbalizer_lm=verbalizer_lm,
-            judge_lm=judge_lm,
+            **program_setup(
+                student,
+                store,
+                cache_path=opt.cache_path,
+                need_verbalizer=getattr(student, "judge_sees", "image") != "image",  # judges reading text only
+            ),
             proposer_lm=opt.proposer_lm,
             ledger=UsageLedger(opt.max_calls),
-            journal=CallJournal(store / "cache.sqlite"),
-            vcache=VerbalizationCache(Path(opt.cache_path) if opt.cache_path else store / "cache.sqlite"),
             num_threads=opt.num_threads,
         )
         self.opt = opt

@@ -25,9 +25,9 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from blpo_dspy.budget import BudgetExhaustedError, UsageLedger, normalise_caps
-from blpo_dspy.cache import CallJournal, VerbalizationCache, content_key, lm_identity
+from blpo_dspy.cache import content_key, lm_identity
 from blpo_dspy.task import Label, Task
-from blpo_dspy.teleprompt.calls import Candidate, JudgeRecord, ProgramCalls, as_record
+from blpo_dspy.teleprompt.calls import Candidate, JudgeRecord, ProgramCalls, as_record, program_setup
 from blpo_dspy.teleprompt.errors import BalancedSampler, BatchSampler
 from blpo_dspy.teleprompt.inputs import check_compile_inputs
 from blpo_dspy.teleprompt.proposers import (
@@ -279,21 +279,10 @@ class _Run(ProgramCalls):
         self.run_dir = run_dir
         self.persistent = opt.run_dir is not None
         self.study_storage = opt.study_storage or (f"sqlite:///{run_dir / 'study.db'}" if self.persistent else None)
-        judge_lm = getattr(student, "judge_lm", None) or dspy.settings.lm
-        verbalizer_lm = opt.verbalizer_lm or getattr(student, "verbalizer_lm", None) or dspy.settings.lm
-        if judge_lm is None:
-            raise ValueError("no LM for the judge: give the program a judge_lm or call dspy.configure(lm=...)")
-        if verbalizer_lm is None:
-            raise ValueError("no LM for the verbalizer: pass verbalizer_lm or call dspy.configure(lm=...)")
         super().__init__(
-            task=student.task,
-            judge_sees=getattr(student, "judge_sees", "image"),
-            verbalizer_lm=verbalizer_lm,
-            judge_lm=judge_lm,
+            **program_setup(student, run_dir, cache_path=opt.cache_path, verbalizer_lm=opt.verbalizer_lm),
             proposer_lm=opt.proposer_lm,
             ledger=UsageLedger(opt.max_calls),
-            journal=CallJournal(run_dir / "cache.sqlite"),
-            vcache=VerbalizationCache(Path(opt.cache_path) if opt.cache_path else run_dir / "cache.sqlite"),
             num_threads=opt.num_threads,
         )
         self.error_sampler = opt.error_sampler or BalancedSampler()

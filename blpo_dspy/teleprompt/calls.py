@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import dspy
@@ -338,6 +339,39 @@ class ProgramCalls:
             if q not in self._verbalizers:
                 self._verbalizers[q] = dspy.Predict(self.task.verbalizer_signature(q))
             return self._verbalizers[q]
+
+
+def program_setup(
+    program: Any,
+    directory: Path,
+    *,
+    cache_path: str | Path | None = None,
+    verbalizer_lm: dspy.LM | None = None,
+    need_verbalizer: bool = True,
+) -> dict[str, Any]:
+    """The :class:`ProgramCalls` arguments a program and a run directory determine.
+
+    The task and ``judge_sees`` come from the program; each LM is the given one, else the program's own, else the
+    configured ``dspy.settings.lm``; the journal is ``directory/cache.sqlite`` and so is the verbalization cache,
+    unless ``cache_path`` names a shared one.
+
+    Raises:
+        ValueError: No LM for the judge, or none for the verbalizer when ``need_verbalizer``.
+    """
+    judge_lm = getattr(program, "judge_lm", None) or dspy.settings.lm
+    verbalizer_lm = verbalizer_lm or getattr(program, "verbalizer_lm", None) or dspy.settings.lm
+    if judge_lm is None:
+        raise ValueError("no LM for the judge: give the program a judge_lm or call dspy.configure(lm=...)")
+    if need_verbalizer and verbalizer_lm is None:
+        raise ValueError("no LM for the verbalizer: give the program a verbalizer_lm or call dspy.configure(lm=...)")
+    return {
+        "task": program.task,
+        "judge_sees": getattr(program, "judge_sees", "image"),
+        "verbalizer_lm": verbalizer_lm,
+        "judge_lm": judge_lm,
+        "journal": CallJournal(directory / "cache.sqlite"),
+        "vcache": VerbalizationCache(Path(cache_path) if cache_path else directory / "cache.sqlite"),
+    }
 
 
 def as_record(result: JudgeRecord | None) -> JudgeRecord:

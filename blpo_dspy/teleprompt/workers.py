@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import dspy
 
 from blpo_dspy.budget import UsageLedger
-from blpo_dspy.cache import CallJournal, VerbalizationCache, content_key, lm_identity
+from blpo_dspy.cache import content_key, lm_identity
 from blpo_dspy.metrics import corpus_value
-from blpo_dspy.teleprompt.calls import Candidate, JudgeRecord, ProgramCalls
+from blpo_dspy.teleprompt.calls import Candidate, JudgeRecord, ProgramCalls, program_setup
 from blpo_dspy.teleprompt.selection import (
     PARAM,
     ROUND_ATTR,
@@ -103,19 +103,10 @@ class SelectionWorker:
         self.idle_timeout = idle_timeout
         self.pruner = pruner
         self.name = name or f"worker-{os.getpid()}"
-        judge_lm = getattr(program, "judge_lm", None) or dspy.settings.lm
-        verbalizer_lm = getattr(program, "verbalizer_lm", None) or dspy.settings.lm
-        if judge_lm is None or verbalizer_lm is None:
-            raise ValueError("the worker's program needs a judge_lm and a verbalizer_lm (or dspy.configure(lm=...))")
         self.calls = ProgramCalls(
-            task=program.task,
-            judge_sees=getattr(program, "judge_sees", "image"),
-            verbalizer_lm=verbalizer_lm,
-            judge_lm=judge_lm,
+            **program_setup(program, self.run_dir, cache_path=cache_path),
             proposer_lm=None,
             ledger=UsageLedger(None),
-            journal=CallJournal(self.run_dir / "cache.sqlite"),
-            vcache=VerbalizationCache(Path(cache_path) if cache_path else self.run_dir / "cache.sqlite"),
             num_threads=num_threads,
         )
         self._by_key = {content_key(self.calls.example_key(e), str(e.label)): e for e in examples}

@@ -11,7 +11,7 @@ import pytest
 
 from blpo_dspy.budget import BudgetExhaustedError, UsageLedger
 from blpo_dspy.cache import CallJournal, VerbalizationCache
-from blpo_dspy.teleprompt.calls import ProgramCalls
+from blpo_dspy.teleprompt.calls import ProgramCalls, program_setup
 from blpo_dspy.testing import CountingWorld
 
 
@@ -99,3 +99,26 @@ def test_budget_exhaustion_surfaces_after_the_batch(tmp_path: Path) -> None:
             calls.parallel(spend, range(3))
     finally:
         calls.close()
+
+
+def test_program_setup_takes_each_lm_from_the_argument_the_program_or_the_configured_lm(tmp_path: Path) -> None:
+    from blpo_dspy.modules import ImageJudge
+
+    world = CountingWorld()
+    own, given, configured = world.engine.lm("own"), world.engine.lm("given"), world.engine.lm("configured")
+    program = ImageJudge(world.task, judge_sees="text", judge_lm=own, verbalizer_lm=own)
+    setup = program_setup(program, tmp_path, verbalizer_lm=given)
+    assert (setup["judge_lm"], setup["verbalizer_lm"]) == (own, given)
+    assert (setup["task"], setup["judge_sees"]) == (world.task, "text")
+    assert setup["journal"].store.path == setup["vcache"].store.path == tmp_path / "cache.sqlite"
+    shared = program_setup(program, tmp_path, cache_path=tmp_path / "shared.sqlite")
+    assert (shared["verbalizer_lm"], shared["vcache"].store.path) == (own, tmp_path / "shared.sqlite")
+
+    bare = ImageJudge(world.task, judge_sees="image")
+    with dspy.context(lm=configured):
+        assert program_setup(bare, tmp_path)["judge_lm"] is configured
+    with pytest.raises(ValueError, match="no LM for the judge"):
+        program_setup(bare, tmp_path)
+    with dspy.context(lm=None), pytest.raises(ValueError, match="no LM for the verbalizer"):
+        program_setup(ImageJudge(world.task, judge_sees="image", judge_lm=own), tmp_path)
+    assert program_setup(ImageJudge(world.task, judge_lm=own), tmp_path, need_verbalizer=False)["verbalizer_lm"] is None
