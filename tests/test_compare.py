@@ -15,6 +15,7 @@ import dspy
 import pytest
 from dspy.teleprompt import Teleprompter
 from PIL import Image as PILImage
+from report_tables import md_tables, section
 
 from blpo_dspy.cli import main as cli_main
 from blpo_dspy.compare import (
@@ -381,23 +382,6 @@ def _boom_everywhere(context: OptimizerContext) -> Any:
     raise RuntimeError(f"deliberate failure of {context.name} seed {context.seed}")
 
 
-def _section_tables(md: str, title: str) -> list[list[list[str]]]:
-    """The Markdown tables of one ``## title`` section, as rows of cells (header first, separator dropped)."""
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |^---$)", md, re.MULTILINE | re.DOTALL)
-    assert match, f"section {title!r} not in the report"
-    tables: list[list[list[str]]] = []
-    current: list[list[str]] = []
-    for line in [*match.group(1).splitlines(), ""]:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(re.fullmatch(r"-+:?", c) for c in cells):
-                current.append(cells)
-        elif current:
-            tables.append(current)
-            current = []
-    return tables
-
-
 def test_formatting_functions() -> None:
     assert format_mean_std(0.5, 0.25) == "0.500 ± 0.250" and format_mean_std(0.71828, None) == "0.718"
     assert format_mean_std(None, None) == "—" and format_mean_std(1 / 3, 0.0, 2) == "0.33 ± 0.00"
@@ -513,13 +497,13 @@ def test_compare_on_the_compliance_task_recomputes_tables_and_plots_from_result_
     # the report: the same table (recomputed by the report from the result.json files), runs, failures, confusion
     md = (out / "report.md").read_text(encoding="utf-8")
     assert md.startswith("# BLPO comparison: compliance\n")
-    table = _section_tables(md, "Comparison")[0]
+    table = md_tables(section(md, "Comparison"))[0]
     assert table[0][:3] == ["Optimizer", "OK runs", "Macro-F1"]
     assert table[1:] == [table_cells(name) for name in optimizers]
-    (failed_table,) = _section_tables(md, "Failed runs")
+    (failed_table,) = md_tables(section(md, "Failed runs"))
     assert [row[:2] for row in failed_table[1:]] == [["boom", "0"], ["boom", "1"]]
     assert failed_table[1][2] == "RuntimeError: deliberate failure of boom seed 0"
-    (runs_table,) = _section_tables(md, "Runs")
+    (runs_table,) = md_tables(section(md, "Runs"))
     assert runs_table[0][3:5] == ["Macro-F1", "95% CI"]
     assert [row[:3] for row in runs_table[1:]] == [
         [name, str(seed), runs[(name, seed)]["status"]] for name in optimizers for seed in seeds
@@ -533,7 +517,7 @@ def test_compare_on_the_compliance_task_recomputes_tables_and_plots_from_result_
             assert row[4] == f"[{report_number(score['low'])}, {report_number(score['high'])}]"
         else:
             assert row[3] == row[4] == "—"
-    confusion_tables = _section_tables(md, "Confusion matrices (pooled over seeds)")
+    confusion_tables = md_tables(section(md, "Confusion matrices (pooled over seeds)"))
     assert len(confusion_tables) == len(optimizers) - 1
     for name, cm_table in zip([n for n in optimizers if n != "boom"], confusion_tables, strict=True):
         pooled = [
@@ -567,5 +551,5 @@ def test_compare_on_the_compliance_task_recomputes_tables_and_plots_from_result_
         row["calls"] = dict.fromkeys(row["calls"], 0.0)
     (out / "compare.json").write_text(json.dumps(compare), encoding="utf-8")
     assert cli_main(["report", str(out)]) == 0
-    assert _section_tables((out / "report.md").read_text(encoding="utf-8"), "Comparison")[0] == table
+    assert md_tables(section((out / "report.md").read_text(encoding="utf-8"), "Comparison"))[0] == table
     assert {name: (out / name).read_bytes() for name in COMPARE_PNGS} == pngs

@@ -16,6 +16,7 @@ from typing import Any
 import dspy
 import numpy as np
 import pytest
+from report_tables import md_tables, section
 from sklearn.metrics import precision_recall_fscore_support
 
 from blpo_dspy.evaluation import evaluate
@@ -77,33 +78,6 @@ def _json(path: Path) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- parsing helpers
-def _section(md: str, title: str) -> str:
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |^---$)", md, re.MULTILINE | re.DOTALL)
-    assert match, f"section {title!r} not in the report"
-    return match.group(1)
-
-
-def _unescape_md(cell: str) -> str:
-    return (
-        cell.replace("\\|", "|").replace("\\\\", "\\").replace("<br>", "\n").replace("&lt;", "<").replace("&gt;", ">")
-    )
-
-
-def _md_tables(text: str) -> list[list[list[str]]]:
-    """Tables of a Markdown text as lists of rows of cells (header first, separator dropped)."""
-    tables: list[list[list[str]]] = []
-    current: list[list[str]] = []
-    for line in [*text.splitlines(), ""]:
-        if line.startswith("|"):
-            cells = [_unescape_md(c.strip()) for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-            if not all(re.fullmatch(r"-+:?", c) for c in cells):
-                current.append(cells)
-        elif current:
-            tables.append(current)
-            current = []
-    return tables
-
-
 class _HtmlTables(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -172,7 +146,7 @@ def test_writes_markdown_self_contained_html_and_pngs(run: Path) -> None:
 def test_score_table_equals_the_evaluation_json(run: Path) -> None:
     md = write_report(run, plots=False).md.read_text(encoding="utf-8")
     seed, compiled = (_json(run / "evaluations" / f"{n}.json") for n in ("seed", "compiled"))
-    table = _md_tables(_section(md, "Held-out evaluation"))[0]
+    table = md_tables(section(md, "Held-out evaluation"))[0]
     header, rows = table[0], table[1:]
     assert header == ["Metric", "Seed", "Seed 95% CI", "Compiled", "Compiled 95% CI", "Δ (compiled − seed)"]
     assert len(rows) == len(seed["scores"]) == len(compiled["scores"])
@@ -191,7 +165,7 @@ def test_score_table_equals_the_evaluation_json(run: Path) -> None:
         assert row[5].startswith(("+", "-")) and _close(row[5], delta)
     assert seen == set(seed["scores"])
 
-    answers = _md_tables(_section(md, "Held-out evaluation"))[1]
+    answers = md_tables(section(md, "Held-out evaluation"))[1]
     values = {row[0]: row[1:] for row in answers[1:]}
     assert values["Examples"] == [str(seed["n"]), str(compiled["n"])]
     assert _close(values["Parse-failure rate"][0], seed["parse_failure_rate"])
@@ -203,16 +177,16 @@ def test_score_table_equals_the_evaluation_json(run: Path) -> None:
 
 def test_html_shows_the_same_tables_as_the_markdown(run: Path) -> None:
     paths = write_report(run, plots=False)
-    md_tables = _md_tables(paths.md.read_text(encoding="utf-8"))
+    markdown = md_tables(paths.md.read_text(encoding="utf-8"))
     html_tables = _html_tables(paths.html.read_text(encoding="utf-8"))
-    assert len(md_tables) >= 8
-    assert html_tables == md_tables
+    assert len(markdown) >= 8
+    assert html_tables == markdown
 
 
 def test_per_class_metrics_and_confusion_match_the_predictions(run: Path) -> None:
     md = write_report(run, plots=False).md.read_text(encoding="utf-8")
-    tables = _md_tables(_section(md, "Per-class metrics"))
-    confusion_tables = _md_tables(_section(md, "Confusion matrices"))
+    tables = md_tables(section(md, "Per-class metrics"))
+    confusion_tables = md_tables(section(md, "Confusion matrices"))
     assert len(tables) == len(confusion_tables) == 2
     for name, table, confusion in zip(("seed", "compiled"), tables, confusion_tables, strict=True):
         data = _json(run / "evaluations" / f"{name}.json")
@@ -250,11 +224,11 @@ def test_instructions_history_and_usage_come_from_the_run(run: Path) -> None:
     seed = state["identity"]["task"]["instructions"]
     final = program["instructions"]
     assert final["judge"] == NUMBER_RULE and "count" in final["verbalizer"].lower()
-    (table,) = _md_tables(_section(md, "Instructions"))
+    (table,) = md_tables(section(md, "Instructions"))
     assert table[1] == ["Verbalizer (I2T) instruction q", seed["verbalizer"], final["verbalizer"], "yes"]
     assert table[2] == ["Judge instruction p", seed["judge"], final["judge"], "yes"]
 
-    rounds_table, history_table = _md_tables(_section(md, "Optimisation history"))
+    rounds_table, history_table = md_tables(section(md, "Optimisation history"))
     diagnostics = program["diagnostics"]
     assert rounds_table[1][0] == "seed" and _close(rounds_table[1][2], diagnostics["seed_score_"])
     assert len(rounds_table) - 2 == len(state["rounds"]) >= 1
@@ -268,7 +242,7 @@ def test_instructions_history_and_usage_come_from_the_run(run: Path) -> None:
         assert row[7] == "—" if entry["val_score"] is None else _close(row[7], entry["val_score"])
         assert row[9] == ("yes" if entry["accepted"] else "no")
 
-    usage_table = _md_tables(_section(md, "Usage"))[0]
+    usage_table = md_tables(section(md, "Usage"))[0]
     usage = diagnostics["usage_"]
     keys = ["calls", "replayed", "cache_hits", "failures", "prompt_tokens", "completion_tokens"]
     assert [row[0] for row in usage_table[1:]] == ["verbalizer", "judge", "proposer", "total"]
@@ -285,7 +259,7 @@ def test_missing_evaluations_give_a_report_of_what_exists(run: Path) -> None:
     (run / "evaluations" / "seed.json").unlink()
     paths = write_report(run)
     md = paths.md.read_text(encoding="utf-8")
-    header = _md_tables(_section(md, "Held-out evaluation"))[0][0]
+    header = md_tables(section(md, "Held-out evaluation"))[0][0]
     assert header == ["Metric", "Compiled", "Compiled 95% CI"]
     assert "Not evaluated: seed program (evaluations/seed.json)" in md
     assert not (run / "report_confusion_seed.png").exists()  # the stale plot went with its evaluation
@@ -322,10 +296,10 @@ def test_a_directory_with_only_an_evaluation(tmp_path: Path) -> None:
     (run / "evaluations" / "compiled.json").write_text(json.dumps(report.to_dict()), encoding="utf-8")
     md = write_report(run, plots=False).md.read_text(encoding="utf-8")
     assert md.startswith("# BLPO report: circle_count\n")
-    answers_table = _md_tables(_section(md, "Held-out evaluation"))[1]
+    answers_table = md_tables(section(md, "Held-out evaluation"))[1]
     rows = {row[0]: row[1] for row in answers_table[1:]}
     assert _close(rows["Parse-failure rate"], 1 / 8) and rows["Failed calls"] == "1"
-    per_class = _md_tables(_section(md, "Per-class metrics"))[0]
+    per_class = md_tables(section(md, "Per-class metrics"))[0]
     unparsed = {label: 0 for label in world.task.labels}
     for example, answer in zip(examples, answers, strict=True):
         unparsed[example.label] += answer in ("maybe", "raise")  # unparsable answer or failed call
@@ -370,7 +344,7 @@ def test_text_is_escaped(run: Path) -> None:
     assert "<title>&lt;i&gt;My&lt;/i&gt; report</title>" in html
     md = paths.md.read_text(encoding="utf-8")
     assert 'Say &lt;b&gt;yes&lt;/b&gt; \\| "no" & &lt;script&gt;' in md
-    (table,) = _md_tables(_section(md, "Instructions"))
+    (table,) = md_tables(section(md, "Instructions"))
     assert table[2][1] == 'Say <b>yes</b> | "no" & <script>alert(1)</script>'  # the cell round-trips
 
 
@@ -386,7 +360,7 @@ def test_compare_json_is_rendered_as_a_table(tmp_path: Path) -> None:
     md = paths.md.read_text(encoding="utf-8")
     assert md.startswith("# BLPO comparison\n")
     assert "- **task**: circle_count" in md
-    (table,) = _md_tables(_section(md, "Comparison"))
+    (table,) = md_tables(section(md, "Comparison"))
     assert table[0] == ["optimizer", "seed", "macro_f1", "calls", "note"]
     assert table[1] == ["BLPO", "0", "0.912", "210", "—"]
     assert table[2] == ["judge-only", "0", "0.500", "120", "fixed I2T"]
@@ -502,7 +476,7 @@ def test_comparison_report_is_computed_from_the_result_files(tmp_path: Path) -> 
     paths = write_report(folder)  # no compare.json: the runs alone are enough
     md = paths.md.read_text(encoding="utf-8")
     assert md.startswith("# BLPO comparison: circle_count\n")
-    table = _md_tables(_section(md, "Comparison"))[0]
+    table = md_tables(section(md, "Comparison"))[0]
     assert table[0][:5] == ["Optimizer", "OK runs", "Macro-F1", "Accuracy", "LM calls"]
     assert [row[:5] for row in table[1:]] == [
         ["alpha", "2/2", f"0.600 ± {statistics.stdev([0.5, 0.7]):.3f}", "0.600 ± 0.141", "25.0"],
@@ -510,12 +484,12 @@ def test_comparison_report_is_computed_from_the_result_files(tmp_path: Path) -> 
         ["gamma", "0/1", "—", "—", "—"],
     ]
     assert table[1][-1] == "2.00"  # mean compile time of alpha's seeds 0 and 1 (1.5 and 2.5 s)
-    failed = _md_tables(_section(md, "Failed runs"))[0]
+    failed = md_tables(section(md, "Failed runs"))[0]
     assert failed[1:] == [["beta", "1", "RuntimeError: no budget"], ["gamma", "0", "ValueError: bad"]]
-    runs = _md_tables(_section(md, "Runs"))[0]
+    runs = md_tables(section(md, "Runs"))[0]
     assert runs[1] == ["alpha", "0", "ok", "0.500", "[0.300, 0.600]", "20", "102", "1.50", "0.000"]
     assert runs[4] == ["beta", "1", "failed", "—", "—", "10", "52", "2.50", "—"]
-    pooled = _md_tables(_section(md, "Confusion matrices (pooled over seeds)"))
+    pooled = md_tables(section(md, "Confusion matrices (pooled over seeds)"))
     assert [[int(c) for c in row[1:]] for row in pooled[0][1:]] == [[5, 1, 0], [1, 4, 1]]  # alpha, both seeds
     assert [[int(c) for c in row[1:]] for row in pooled[1][1:]] == [[3, 0, 0], [1, 1, 1]]  # beta, its ok seed
     assert len(pooled) == 2 and "gamma: failed." in md
@@ -526,7 +500,7 @@ def test_comparison_report_is_computed_from_the_result_files(tmp_path: Path) -> 
     assert sorted(embedded) == sorted(p.read_bytes() for p in paths.images)
     for image in paths.images:
         assert image.read_bytes().startswith(PNG_MAGIC) and f"]({image.name})" in md
-    assert _html_tables(html) == _md_tables(md)
+    assert _html_tables(html) == md_tables(md)
 
     other = Path(shutil.copytree(folder, tmp_path / "elsewhere"))  # deterministic, whatever the folder
     again = write_report(other)
@@ -548,7 +522,7 @@ def test_compare_json_selects_and_orders_the_runs(tmp_path: Path) -> None:
     compare = {"task": "circle_count", "judge_sees": "text", "optimizers": ["b", "a"], "seeds": [0], "max_calls": None}
     (folder / "compare.json").write_text(json.dumps(compare), encoding="utf-8")
     md = write_report(folder, plots=False).md.read_text(encoding="utf-8")
-    table = _md_tables(_section(md, "Comparison"))[0]
+    table = md_tables(section(md, "Comparison"))[0]
     assert [row[:3] for row in table[1:]] == [["b", "1/1", "0.800"], ["a", "1/1", "0.500"]]
     assert "- **Judge sees**: text" in md and "- **LM-call budget per compile**: none" in md
     assert "old" not in md and "(2 files)" in md
@@ -562,7 +536,7 @@ def test_comparison_runs_without_confusion_matrices(tmp_path: Path) -> None:
     paths = write_report(folder)
     md = paths.md.read_text(encoding="utf-8")
     assert "a: no confusion matrix in its result.json files." in md
-    assert len(_md_tables(_section(md, "Confusion matrices (pooled over seeds)"))) == 1
+    assert len(md_tables(section(md, "Confusion matrices (pooled over seeds)"))) == 1
     assert (folder / COMPARE_CONFUSION_PNG).read_bytes().startswith(PNG_MAGIC)
 
 
