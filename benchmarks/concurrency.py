@@ -28,22 +28,10 @@ CONFIGS: dict[str, tuple[dict[str, Any], int, int]] = {
 }
 
 
-def slow_down(world: CountingWorld) -> None:
-    """Make every call on the world's engine sleep ``LATENCY_S`` first (the sleep releases the GIL, as I/O does)."""
-    inner = world.engine.complete
-
-    def complete(request: Any) -> Any:
-        time.sleep(LATENCY_S)
-        return inner(request)
-
-    world.engine.complete = complete  # type: ignore[method-assign]
-
-
 def run(config: str, threads: int) -> tuple[float, int, int]:
     """One compile of a config at ``threads``; returns (wall seconds, LM calls, proposer calls)."""
     params, n_train, n_val = CONFIGS[config]
-    world = CountingWorld()
-    slow_down(world)
+    world = CountingWorld(latency=LATENCY_S)  # every call sleeps first, releasing the GIL as network I/O does
     program = ImageJudge(world.task, judge_sees="text", verbalizer_lm=world.lm, judge_lm=world.lm)
     optimizer = BLPO(proposer_lm=world.lm, num_threads=threads, **params)
     start = time.perf_counter()

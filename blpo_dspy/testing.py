@@ -18,6 +18,7 @@ import inspect
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,7 @@ class ScriptedEngine:
         default: Answer used when no rule matches: ``None`` fills every output field with ``"scripted <name>"``.
         role_of: Maps output field names to a role; defaults to ``default_role_of``.
         model: Model name reported in responses.
+        latency: Seconds every call sleeps before answering (the sleep releases the GIL, as network I/O does).
     """
 
     def __init__(
@@ -154,7 +156,11 @@ class ScriptedEngine:
         default: Rule | None = None,
         role_of: Callable[[Sequence[str]], str] | None = None,
         model: str = "scripted",
+        latency: float = 0.0,
     ) -> None:
+        if latency < 0:
+            raise ValueError(f"latency must be >= 0 seconds, got {latency}")
+        self.latency = latency
         self.rules = list(rules)
         self.default = default
         self.role_of = role_of
@@ -178,6 +184,8 @@ class ScriptedEngine:
     # ------------------------------------------------------------------ engine contract
     def complete(self, request: Request) -> Response:
         """Answer one request by the rules."""
+        if self.latency:
+            time.sleep(self.latency)
         call = parse_request(request, self.role_of)
         with self._lock:
             self.calls.append(call)
@@ -267,14 +275,17 @@ class CountingWorld:
 
     Args:
         judge_fails_every: Make every n-th judge call raise (fault injection for tests); 0 disables.
+        latency: Seconds every call takes (see ``ScriptedEngine``).
     """
 
-    def __init__(self, judge_fails_every: int = 0) -> None:
+    def __init__(self, judge_fails_every: int = 0, latency: float = 0.0) -> None:
         self.task = _counting_task()
         self.judge_fails_every = judge_fails_every
         self._judge_calls = 0
         self._lock = threading.Lock()
-        self.engine = ScriptedEngine(rules=[self._verbalizer, self._judge, self._proposer], model="world")
+        self.engine = ScriptedEngine(
+            rules=[self._verbalizer, self._judge, self._proposer], model="world", latency=latency
+        )
 
     @property
     def lm(self) -> dspy.LM:

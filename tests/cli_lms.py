@@ -100,9 +100,8 @@ class InstrumentedWorldEngine:
         call_log: Path | None = None,
         barrier: tuple[Path, int] | None = None,
     ) -> None:
-        self.world = CountingWorld()
+        self.world = CountingWorld(latency=latency)  # the world's engine sleeps before answering
         self.kill_at = kill_at
-        self.latency = latency
         self.call_log = call_log
         self.barrier = barrier
         self.started = 0
@@ -122,8 +121,6 @@ class InstrumentedWorldEngine:
             index = self.started
         if self.kill_at is not None and index >= self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.latency:
-            time.sleep(self.latency)
         response = self.world.engine.complete(request)
         if self.call_log is not None:
             self._log(self.call_log, index, began, parse_request(request))

@@ -6,6 +6,7 @@ import base64
 import copy
 import io
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -344,3 +345,15 @@ def test_counting_world_proposer() -> None:
     assert again.startswith(NUMBER_RULE)
     assert again != NUMBER_RULE
     assert world.engine.count("proposer", with_images=True) == 0
+
+
+def test_latency_makes_every_call_sleep_first() -> None:
+    with pytest.raises(ValueError, match="latency"):
+        ScriptedEngine(latency=-1)
+    assert CountingWorld(latency=0.2).engine.latency == 0.2 and CountingWorld().engine.latency == 0.0
+    engine = ScriptedEngine(latency=0.2)
+    with dspy.context(lm=engine.lm()):
+        began = time.perf_counter()
+        assert dspy.Predict("question -> answer")(question="q").answer == "scripted answer"
+        elapsed = time.perf_counter() - began
+    assert elapsed >= 0.2 and engine.count() == 1  # a lower bound: sleep never returns early

@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +53,8 @@ WORKER_SCRIPT = textwrap.dedent(
 )
 
 
-def _slow(world: CountingWorld) -> None:
-    inner = world.engine.complete
-
-    def complete(request: Any) -> Any:
-        time.sleep(LATENCY_S)
-        return inner(request)
-
-    world.engine.complete = complete  # type: ignore[method-assign]
-
-
 def _compile(run_dir: Path | None, **kwargs: Any) -> dspy.Module:
-    world = CountingWorld()
-    _slow(world)
+    world = CountingWorld(latency=LATENCY_S)
     program = ImageJudge(world.task, judge_sees="text", verbalizer_lm=world.lm, judge_lm=world.lm)
     optimizer = BLPO(
         proposer_lm=world.lm,
