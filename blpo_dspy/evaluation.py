@@ -257,13 +257,8 @@ class _LabelReader:
 
 
 def _field(prediction: Any, name: str) -> Any:
-    """``prediction.<name>``, or :data:`_ABSENT` when it has no such attribute.
-
-    A plain ``dspy.Prediction`` is read from its store (what ``getattr`` returns for these names, without the
-    failed attribute lookup and ``__getattr__`` fallback); anything else through ``getattr``.
-    """
-    if type(prediction) is dspy.Prediction:
-        return prediction.get(name, _ABSENT)
+    """``prediction.<name>``, or :data:`_ABSENT` when it has no such attribute (for results other than a plain
+    ``dspy.Prediction``, which :func:`_run_one` reads from its store)."""
     try:
         return getattr(prediction, name)
     except AttributeError:
@@ -343,7 +338,7 @@ def _run_one(program: Any, read_label: _LabelReader, job: _Job) -> PredictionRec
         logger.debug("%s: program raised", _where(index, ident), exc_info=True)
         return PredictionRecord(index, ident, gold, None, error=_error_text(exc))
     try:
-        if type(prediction) is dspy.Prediction:  # read from its store: no failed attribute lookups
+        if type(prediction) is dspy.Prediction:  # its store: what getattr returns, without failed attribute lookups
             get = prediction.get
             value, raw = get(LABEL_FIELD, _ABSENT), get("raw_label")
             rationale, error = get(RATIONALE_FIELD), get("error")
