@@ -41,8 +41,12 @@ benchmark; the work of every thread is counted). Garbage collection is left on, 
 (``gc.callbacks``) and taken out of the segment it fell in: a full collection walks DSPy's call histories (10,000
 entries per LM and per module by default) and can take longer than many calls, so whichever segment triggered it
 would look slow. The pauses are summed and shared out in proportion to what triggers them: each side's net
-allocations of garbage-collected objects (CPython collects when that count passes a threshold), counted with
-``gc.get_count()`` around each segment and at each collection. The ratio is (own CPU time + share of the pauses)
+allocations of garbage-collected objects per example (CPython collects when that count passes a threshold),
+counted with ``gc.get_count()`` in a separate pass where each side's loop and the plain loop run on their own with
+collection off (:meth:`Bench.allocations`; in the interleaved rounds one loop frees history entries another
+allocated). Each side's plain loop has a predictor of its own, as a user's loop would: one predictor shared by
+every loop records all their calls, so its history turns over faster than the program's. The ratio is (own CPU
+time + share of the pauses)
 of a side over the same for its interleaved plain segments; the spread over rounds and the ratio without
 collections are printed too, and the number of Python function calls per example on each side (one run under
 ``cProfile``), a deterministic measure of the work that the load of a shared machine cannot blur.
@@ -82,11 +86,10 @@ Request = tuple[str, str, tuple[tuple[str, tuple[bytes, ...]], ...]]
 
 
 class GCMeter:
-    """Times garbage-collection pauses and counts net allocations of collected objects."""
+    """Times garbage-collection pauses."""
 
     def __init__(self) -> None:
         self.pause = 0.0  # CPU seconds of all collections so far
-        self.allocated = 0  # net allocations of gc-tracked objects up to the last collection
         self._began = 0.0
 
     def __enter__(self) -> GCMeter:
@@ -98,27 +101,24 @@ class GCMeter:
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            self.allocated += gc.get_count()[0]  # about to be reset by this collection
             self._began = time.process_time()
         else:
             self.pause += time.process_time() - self._began
 
-    def reading(self) -> tuple[float, float, int]:
-        """(CPU seconds now, pauses so far, net allocations so far)."""
-        return time.process_time(), self.pause, self.allocated + gc.get_count()[0]
+    def reading(self) -> tuple[float, float]:
+        """(CPU seconds now, pauses so far)."""
+        return time.process_time(), self.pause
 
 
 @dataclass
 class Tally:
-    """CPU seconds without collection pauses, and net allocations, of one side."""
+    """CPU seconds of one side without collection pauses."""
 
     seconds: float = 0.0
-    allocated: int = 0
 
-    def add(self, start: tuple[float, float, int], end: tuple[float, float, int]) -> None:
+    def add(self, start: tuple[float, float], end: tuple[float, float]) -> None:
         """Count the segment between two :meth:`GCMeter.reading` s."""
         self.seconds += (end[0] - start[0]) - (end[1] - start[1])
-        self.allocated += end[2] - start[2]
 
 
 @dataclass
@@ -162,17 +162,22 @@ class Bench:
         self.task = self.world.task
         self.examples = self.world.examples(n_examples, seed=1)
         self.program = ImageJudge(self.task, judge_sees="image", judge_lm=self.lm, verbalizer_lm=self.lm)
-        self.predict = dspy.Predict(self.program.judge.predict.signature)  # the very signature the judge uses
-        self.wrapper = Wrapper(self.predict)
+        signature = self.program.judge.predict.signature  # the very signature the judge uses
+        # Each side's plain loop has a predictor of its own, as a user's loop would, and so does the wrapper: a
+        # predictor shared by several loops records all their calls in its history, which then turns over faster
+        # than the program's and frees history entries in the plain segments that the other side keeps alive.
+        self.plain_predictors = {name: dspy.Predict(signature) for name in SIDES}
+        self.wrapper = Wrapper(dspy.Predict(signature))
         self.candidate = Candidate(self.program.verbalizer.instruction, self.program.judge.instruction)
         self.root = root
         self.runs = 0
         self.meter = GCMeter()
 
     # ------------------------------------------------------------------ the plain segment
-    def _plain(self, example: dspy.Example, tally: Tally, labels: list[Label | None]) -> None:
+    def _plain(self, side: str, example: dspy.Example, tally: Tally, labels: list[Label | None]) -> None:
+        predict = self.plain_predictors[side]
         start = self.meter.reading()
-        labels.append(plain_body(self.task, self.predict, example))
+        labels.append(plain_body(self.task, predict, example))
         tally.add(start, self.meter.reading())
 
     def _check(self, name: str, ours: list[Label | None], plain: list[Label | None]) -> None:
@@ -204,20 +209,19 @@ class Bench:
                 example = bench.examples[self.calls]
                 self.calls += 1
                 if self.calls % 2:
-                    bench._plain(example, plain, plain_labels)
+                    bench._plain("evaluate", example, plain, plain_labels)
                     return bench.program(**inputs)
                 prediction = bench.program(**inputs)
-                bench._plain(example, plain, plain_labels)
+                bench._plain("evaluate", example, plain, plain_labels)
                 return prediction
 
         self.world.engine.reset()
-        plain_before = Tally(plain.seconds, plain.allocated)
+        plain_before = plain.seconds
         start = self.meter.reading()
         report = evaluate(Proxy(), self.examples, num_threads=1, ci=False)
         end = self.meter.reading()
         ours.add(start, end)  # evaluate with the plain segments in it ...
-        ours.seconds -= plain.seconds - plain_before.seconds  # ... taken out again
-        ours.allocated -= plain.allocated - plain_before.allocated
+        ours.seconds -= plain.seconds - plain_before  # ... taken out again
         self._check("evaluate", [record.label for record in report.predictions], plain_labels)
 
     def _alternate(self, name: str, ours: Tally, plain: Tally, call: Callable[[dspy.Example], Label | None]) -> None:
@@ -227,24 +231,24 @@ class Bench:
         self.world.engine.reset()
         for index, example in enumerate(self.examples):
             if index % 2 == 0:
-                self._plain(example, plain, plain_labels)
+                self._plain(name, example, plain, plain_labels)
             start = self.meter.reading()
             labels.append(call(example))
             ours.add(start, self.meter.reading())
             if index % 2 == 1:
-                self._plain(example, plain, plain_labels)
+                self._plain(name, example, plain, plain_labels)
         self._check(name, labels, plain_labels)
+
+    def call_program(self, example: dspy.Example) -> Label | None:
+        """The body of a hand-written loop calling the ``ImageJudge`` program."""
+        try:
+            return self.program(**example.inputs()).label
+        except Exception:
+            return None
 
     def program_side(self, ours: Tally, plain: Tally) -> None:
         """A hand-written loop calling the ``ImageJudge`` program, alternating with the plain body."""
-
-        def call(example: dspy.Example) -> Label | None:
-            try:
-                return self.program(**example.inputs()).label
-            except Exception:
-                return None
-
-        self._alternate("program", ours, plain, call)
+        self._alternate("program", ours, plain, self.call_program)
 
     def module_side(self, ours: Tally, plain: Tally) -> None:
         """The plain loop's body around a minimal DSPy module (:class:`Wrapper`) instead of the bare predictor:
@@ -274,19 +278,65 @@ class Bench:
     def journal_side(self, ours: Tally, plain: Tally) -> None:
         """The journal lookups and writes of :meth:`compile_side` alone (same keys and values), with plain calls
         interleaved as elsewhere (they are the reference the journal's cost is compared with)."""
-        calls = self._calls()
-        journal = calls.journal
-        identity = lm_identity(self.lm)
+        step = self.journal_step()
         plain_labels: list[Label | None] = []
         self.world.engine.reset()
         for example in self.examples:
-            self._plain(example, plain, plain_labels)
-            self._plain(example, Tally(), [])  # a second call, so the request check's pairing holds
+            self._plain("journal", example, plain, plain_labels)
+            self._plain("journal", example, Tally(), [])  # a second call, so the request check's pairing holds
             start = self.meter.reading()
+            step(example)
+            ours.add(start, self.meter.reading())
+
+    def journal_step(self) -> Callable[[dspy.Example], None]:
+        """On a fresh run's journal: the content key of the compile's call on an example, its lookup and write."""
+        calls = self._calls()
+        journal = calls.journal
+        identity = lm_identity(self.lm)
+
+        def step(example: dspy.Example) -> None:
             key = content_key("judge", self.candidate.judge, "image", calls.example_key(example), {}, identity)
             if journal.get("judge", key) is None:
                 journal.put("judge", key, {"raw_label": "yes", "rationale": "The image matches.", "error": None})
-            ours.add(start, self.meter.reading())
+
+        return step
+
+    def allocations(self) -> dict[str, float]:
+        """Net allocations of gc-tracked objects per example of each side's loop and of the plain loop, each run
+        on its own with collection off (call this before DSPy's histories are full: their evictions would free
+        earlier calls' entries in whatever loop runs).
+
+        Collections are triggered by net allocations and are longer the more objects survive, so the pauses are
+        shared out by these counts. They are not counted in the interleaved rounds: there one loop frees what
+        another allocated (a call's history entry is freed by whichever later call evicts it from the last history
+        holding it), which shifts pauses between the sides.
+        """
+        task, examples = self.task, self.examples
+        plain = dspy.Predict(self.plain_predictors["program"].signature)
+        calls = self._calls()
+        step = self.journal_step()
+        loops: dict[str, Callable[[], Any]] = {
+            "plain": lambda: [plain_body(task, plain, example) for example in examples],
+            "evaluate": lambda: evaluate(self.program, examples, num_threads=1, ci=False),
+            "program": lambda: [self.call_program(example) for example in examples],
+            "module": lambda: [plain_body(task, self.wrapper, example) for example in examples],
+            "compile": lambda: [calls.predict_many([example], self.candidate)[0].label for example in examples],
+            "journal": lambda: [step(example) for example in examples],
+        }
+        counts: dict[str, float] = {}
+        ballast = [[] for _ in range(100_000)]  # keeps the counter far from 0, where CPython stops counting frees
+        gc.disable()
+        try:
+            for name, loop in loops.items():
+                self.world.engine.reset()
+                before = gc.get_count()[0]
+                result = loop()
+                counts[name] = (gc.get_count()[0] - before) / len(examples)
+                del result
+        finally:
+            gc.enable()
+            del ballast
+        return counts
 
     def sides(self) -> dict[str, Callable[[Tally, Tally], None]]:
         """The sides by name."""
@@ -321,6 +371,8 @@ def run(n_examples: int, rounds: int) -> dict[str, Any]:
         for side in sides.values():  # warm-up: imports, adapter and pydantic caches, SQLite statement caches
             with dspy.context(lm=bench.lm):
                 side(Tally(), Tally())
+        with dspy.context(lm=bench.lm):
+            allocated = bench.allocations()
         results = [Round() for _ in range(rounds)]
         gc.collect()
         with bench.meter:
@@ -331,8 +383,9 @@ def run(n_examples: int, rounds: int) -> dict[str, Any]:
                         sides[name](result.ours[name], result.plain[name])
             pauses = bench.meter.pause
         world, examples = bench.world, bench.examples
+        plain_predict = bench.plain_predictors["program"]
         profiled = {
-            "plain": lambda: [plain_body(bench.task, bench.predict, example) for example in examples],
+            "plain": lambda: [plain_body(bench.task, plain_predict, example) for example in examples],
             "evaluate": lambda: evaluate(bench.program, examples, num_threads=1, ci=False),
             "program": lambda: [bench.program(**example.inputs()) for example in examples],
         }
@@ -341,29 +394,26 @@ def run(n_examples: int, rounds: int) -> dict[str, Any]:
             world.engine.reset()
             with dspy.context(lm=bench.lm):
                 function_calls[name] = _function_calls(side_run) / n_examples
-    tallies = {
-        name: (sum(r.ours[name].seconds for r in results), sum(r.ours[name].allocated for r in results))
-        for name in SIDES
-    }
-    plains = {
-        name: (sum(r.plain[name].seconds for r in results), sum(r.plain[name].allocated for r in results))
-        for name in SIDES
-    }
-    all_allocated = sum(max(a, 0) for _, a in tallies.values()) + sum(max(a, 0) for _, a in plains.values()) or 1
-
-    def with_gc(seconds: float, allocated: int) -> float:
-        return seconds + pauses * max(allocated, 0) / all_allocated
-
+    ours = {name: sum(r.ours[name].seconds for r in results) for name in SIDES}
+    plains = {name: sum(r.plain[name].seconds for r in results) for name in SIDES}
+    # Every side and every plain segment ran rounds x examples times (the journal side's second, untimed plain
+    # call as often): the pauses go to each in proportion to its allocations.
+    weight = {name: max(allocated[name], 0.0) for name in SIDES}
+    plain_weight = max(allocated["plain"], 0.0)
+    total_weight = sum(weight.values()) + (len(SIDES) + 1) * plain_weight or 1.0
+    ours_gc = {name: ours[name] + pauses * weight[name] / total_weight for name in SIDES}
+    plains_gc = {name: plains[name] + pauses * plain_weight / total_weight for name in SIDES}
     n_total = rounds * n_examples
-    ratio = {name: with_gc(*tallies[name]) / with_gc(*plains[name]) for name in SIDES}
+    ratio = {name: ours_gc[name] / plains_gc[name] for name in SIDES}
     return {
         "examples": n_examples,
         "rounds": rounds,
-        "us": {name: with_gc(*tallies[name]) / n_total * 1e6 for name in SIDES},
-        "plain_us": {name: with_gc(*plains[name]) / n_total * 1e6 for name in SIDES},
-        "own_ratio": {name: tallies[name][0] / plains[name][0] for name in SIDES},
+        "us": {name: ours_gc[name] / n_total * 1e6 for name in SIDES},
+        "plain_us": {name: plains_gc[name] / n_total * 1e6 for name in SIDES},
+        "own_ratio": {name: ours[name] / plains[name] for name in SIDES},
         "round_ratios": {name: [r.ours[name].seconds / r.plain[name].seconds for r in results] for name in SIDES},
         "gc_pauses_s": pauses,
+        "allocations": allocated,
         "ratio": ratio,
         "function_calls": function_calls,
         "met": ratio["evaluate"] <= TARGET,
@@ -381,7 +431,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"{result['examples']} examples x {result['rounds']} rounds, each call of a side next to a plain call on the "
         f"same example; identical requests and labels; garbage collection {result['gc_pauses_s']:.2f} s in all, "
-        "shared by allocations"
+        "shared by net allocations per example ("
+        + ", ".join(f"{name} {count:.1f}" for name, count in result["allocations"].items())
+        + ")"
     )
     for name in SIDES:
         print(
