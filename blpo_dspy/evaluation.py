@@ -24,12 +24,13 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import dspy
 from dspy.utils.parallelizer import ParallelExecutor
 
 from blpo_dspy.cache import CallJournal, content_key, lm_identity
+from blpo_dspy.dspy_objects import example_inputs, prediction_fields
 from blpo_dspy.metrics import (
     METRICS,
     ConfusionMatrix,
@@ -49,7 +50,7 @@ _MISSING = object()
 _ABSENT = object()  # a prediction without the field
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PredictionRecord:
     """What the program answered for one example.
 
@@ -191,8 +192,7 @@ def _where(index: int, ident: str | int | None) -> str:
     return f"example {index}" + (f" (id={ident!r})" if ident is not None else "")
 
 
-@dataclass(frozen=True)
-class _Job:
+class _Job(NamedTuple):
     """One example ready to run: its position, id, gold label and the keyword arguments of the call."""
 
     index: int
@@ -214,14 +214,14 @@ def _check_examples(task: Task, examples: Sequence[Any]) -> list[_Job]:
         if not isinstance(example, dspy.Example):
             raise TypeError(f"{_where(index, ident)}: expected a dspy.Example, got {type(example).__name__}")
         try:
-            inputs = example.inputs()
+            inputs = example_inputs(example)
         except ValueError as exc:
             raise ValueError(
                 f"{_where(index, ident)}: no input fields; build it with .with_inputs(...) ({exc})"
             ) from exc
-        if LABEL_FIELD not in example:
+        raw = example.get(LABEL_FIELD, _MISSING)
+        if raw is _MISSING:
             raise LabelError(f"{_where(index, ident)}: field 'label': missing")
-        raw = example[LABEL_FIELD]
         key = (type(raw), raw) if type(raw) in _MEMO_TYPES else None
         gold = validated.get(key) if key is not None else None
         if gold is None:
@@ -231,29 +231,22 @@ def _check_examples(task: Task, examples: Sequence[Any]) -> list[_Job]:
                 raise LabelError(f"{_where(index, ident)}: field 'label': {exc}") from exc
             if key is not None:
                 validated[key] = gold
-        # The same keyword arguments as ``program(**example.inputs())``, built once.
-        jobs.append(_Job(index, ident, gold, {name: inputs[name] for name in inputs.keys()}))
+        jobs.append(_Job(index, ident, gold, inputs))  # the keyword arguments of program(**example.inputs())
     return jobs
 
 
 class _LabelReader:
     """``task.parse_label`` with the canonical labels answered from a table (the common case: programs such as
-    ``ImageJudge`` return labels already parsed). Same results as ``task.parse_label`` for every value."""
+    ``ImageJudge`` return labels already parsed): :func:`_run_one` looks a value of an exact type in ``_MEMO_TYPES``
+    (no bool or str subclass equal to a label sneaks through) up in ``known`` and parses any other with ``parse``,
+    which gives the same result as ``task.parse_label`` for every value at one dict lookup per example."""
 
     def __init__(self, task: Task) -> None:
-        self._task = task
-        self._known: dict[tuple[type, Any], Label | None] = {}
+        self.parse = task.parse_label
+        self.known: dict[tuple[type, Any], Label | None] = {}
         for label in task.labels:
             if type(label) in _MEMO_TYPES:
-                self._known[(type(label), label)] = task.parse_label(label)
-
-    def __call__(self, value: Any) -> Label | None:
-        kind = type(value)
-        if kind in _MEMO_TYPES:  # exact types: no bool or str subclass equal to a label sneaks through
-            known = self._known.get((kind, value), _MISSING)
-            if known is not _MISSING:
-                return known
-        return self._task.parse_label(value)
+                self.known[(type(label), label)] = task.parse_label(label)
 
 
 def _field(prediction: Any, name: str) -> Any:
@@ -338,14 +331,20 @@ def _run_one(program: Any, read_label: _LabelReader, job: _Job) -> PredictionRec
         logger.debug("%s: program raised", _where(index, ident), exc_info=True)
         return PredictionRecord(index, ident, gold, None, error=_error_text(exc))
     try:
-        if type(prediction) is dspy.Prediction:  # its store: what getattr returns, without failed attribute lookups
-            get = prediction.get
+        if type(prediction) is dspy.Prediction:  # its fields: what getattr returns, without failed attribute lookups
+            get = prediction_fields(prediction).get
             value, raw = get(LABEL_FIELD, _ABSENT), get("raw_label")
             rationale, error = get(RATIONALE_FIELD), get("error")
         else:
             value = _field(prediction, LABEL_FIELD)
             raw, rationale, error = (_field(prediction, name) for name in ("raw_label", RATIONALE_FIELD, "error"))
-        raw, rationale, error = (_text(raw), _text(rationale), _text(error))
+        # Optional text fields: None when absent or None, str() of anything else but a str.
+        if raw is not None and type(raw) is not str:
+            raw = _text(raw)
+        if rationale is not None and type(rationale) is not str:
+            rationale = _text(rationale)
+        if error is not None and type(error) is not str:
+            error = _text(error)
         if value is _ABSENT:
             return PredictionRecord(
                 index,
@@ -356,7 +355,10 @@ def _run_one(program: Any, read_label: _LabelReader, job: _Job) -> PredictionRec
                 rationale=rationale,
                 error=f"the program returned {type(prediction).__name__} without a '{LABEL_FIELD}' field",
             )
-        label = read_label(value)
+        kind = type(value)
+        label = read_label.known.get((kind, value), _MISSING) if kind in _MEMO_TYPES else _MISSING
+        if label is _MISSING:
+            label = read_label.parse(value)
         if raw is None and value is not None:
             raw = str(value)
     except Exception as exc:  # a property raising, a custom label object whose str() raises, ...
@@ -456,13 +458,16 @@ def evaluate(
     if num_threads == 1:
         # In the caller's thread and context, as DSPy's ParallelExecutor does at one thread, minus its per-item
         # progress bookkeeping (quadratic in the number of examples) and wrappers.
-        records = [_run_journaled(program, read_label, job, replay) for job in jobs]
+        if replay is None:
+            records = [_run_one(program, read_label, job) for job in jobs]
+        else:
+            records = [_run_journaled(program, read_label, job, replay) for job in jobs]
     else:
         records = _run_threaded(program, read_label, jobs, num_threads, replay)
     if replay is not None and replay.replayed:
         logger.info("%d of %d examples replayed from the journal", replay.replayed, len(records))
 
-    errors = [r for r in records if r.failed]
+    errors = [r for r in records if r.error is not None]  # r.failed, without a property call per record
     if errors:
         first = errors[0]
         logger.warning(
@@ -482,7 +487,7 @@ def evaluate(
         predictions=records,
         scores=scores,
         primary=primary,
-        parse_failure_rate=sum(r.parse_failure for r in records) / len(records),
+        parse_failure_rate=sum(r.label is None for r in records if r.error is None) / len(records),
         error_count=len(errors),
         n=len(records),
         confusion=confusion_matrix(task, y_true, y_pred),

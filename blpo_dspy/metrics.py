@@ -80,21 +80,39 @@ def encode_labels(task: Task, y_true: Sequence[Any], y_pred: Sequence[Any | None
     unparsed = len(task.labels)
     gold = np.empty(len(y_true), dtype=np.intp)
     pred = np.empty(len(y_pred), dtype=np.intp)
+    known_gold = _exact_lookup(task, y_true)
     for i, value in enumerate(y_true):
-        found = _lookup(index, value)
+        found = known_gold[i] if known_gold is not None else None
+        if found is None:
+            found = _lookup(index, value)
         if found is None:
             try:
                 found = index[task.validate_label(value)]
             except LabelError as exc:
                 raise LabelError(f"y_true[{i}]: {exc}") from exc
         gold[i] = found
+    known_pred = _exact_lookup(task, y_pred)
     for i, value in enumerate(y_pred):
-        found = _lookup(index, value)
+        found = known_pred[i] if known_pred is not None else None
+        if found is None:
+            found = _lookup(index, value)
         if found is None and value is not None:
             parsed = task.parse_label(value)
             found = None if parsed is None else index[parsed]
         pred[i] = unparsed if found is None else found
     return gold, pred
+
+
+def _exact_lookup(task: Task, values: Sequence[Any]) -> list[int | None] | None:
+    """The index of every value that is one of the task's labels with its exact type (``None`` for the others), in
+    one pass without a Python call per value; ``None`` if a value is unhashable (then :func:`_lookup` does it all).
+    """
+    table = {(type(label), label): i for i, label in enumerate(task.labels) if type(label) in (str, int)}
+    get = table.get
+    try:
+        return [get((type(value), value)) for value in values]
+    except TypeError:
+        return None
 
 
 def _lookup(index: Mapping[Any, int], value: Any) -> int | None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import dspy
 
+from blpo_dspy.dspy_objects import make_prediction, prediction_fields
 from blpo_dspy.task import JUDGE_SEES, LABEL_FIELD, RATIONALE_FIELD, JudgeSees, Task
 
 if TYPE_CHECKING:
@@ -41,7 +43,30 @@ def _error_text(exc: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
-class Verbalizer(dspy.Module):
+_read_attribute = object.__getattribute__
+
+
+class _Module(dspy.Module):
+    """A ``dspy.Module`` whose attribute reads are Python's own.
+
+    ``dspy.Module.__getattribute__`` runs Python code on every attribute read of a module, only to warn when
+    ``forward`` is read from anywhere but ``Module.__call__``; this project's modules read several attributes per
+    call, so they use the built-in lookup and give the same warning from ``forward`` itself
+    (:meth:`_warn_forward_called_directly`). Everything ``dspy.Module.__call__`` does (callbacks, caller modules,
+    histories, usage tracking) is unchanged.
+    """
+
+    __getattribute__ = object.__getattribute__
+
+    def _warn_forward_called_directly(self) -> None:
+        """DSPy's warning for a ``forward`` not called by ``Module.__call__`` (checked by each ``forward``)."""
+        logger.warning(
+            "Calling module.forward(...) on %s directly is discouraged. Please use module(...) instead.",
+            type(self).__name__,
+        )
+
+
+class Verbalizer(_Module):
     """Image-to-text module g(x; q): one image (+ the task's text fields) -> ``description``.
 
     Args:
@@ -66,6 +91,8 @@ class Verbalizer(dspy.Module):
 
     def forward(self, image: dspy.Image, **text_fields: Any) -> dspy.Prediction:
         """Describe one image. Raises on LM failure (callers decide how to score it)."""
+        if sys._getframe(1).f_code.co_name != "__call__":
+            self._warn_forward_called_directly()
         fields = {name: text_fields.get(name, "") for name in self.task.text_fields}
         lm = dspy.settings.lm
         if self.cache is not None and lm is not None:
@@ -80,7 +107,7 @@ class Verbalizer(dspy.Module):
         return dspy.Prediction(description=description, cached=False)
 
 
-class Judge(dspy.Module):
+class Judge(_Module):
     """The judge f(x; p): image(s) and/or verbalization(s) + text fields -> rationale + canonical label.
 
     The LM's label is parsed leniently with ``Task.parse_label``; an unparseable answer or a failed call becomes a
@@ -110,6 +137,8 @@ class Judge(dspy.Module):
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
         """Judge one example; never raises for an LM failure or an unparseable label."""
+        if sys._getframe(1).f_code.co_name != "__call__":
+            self._warn_forward_called_directly()
         return self.run(inputs)
 
     def run(self, inputs: Mapping[str, Any]) -> dspy.Prediction:
@@ -119,27 +148,30 @@ class Judge(dspy.Module):
         module's own ``__call__`` layer is skipped. Inputs the signature does not read are ignored.
         """
         predict = self.predict
-        signature = predict.signature
+        signature = _read_attribute(predict, "signature")  # a dspy.Predict reads attributes through a Python hook
         inputs_of = self._inputs_of
         if inputs_of[0] is not signature:  # input_fields builds a new dict on every access
             inputs_of = self._inputs_of = (signature, frozenset(signature.input_fields))
         wanted = inputs_of[1]
         try:
-            raw = predict(**{k: v for k, v in inputs.items() if k in wanted})
+            raw = predict(**(inputs if wanted.issuperset(inputs) else {k: v for k, v in inputs.items() if k in wanted}))
         except Exception as exc:  # a failed call is a scored failure, not a crash
             logger.debug("judge call failed: %s", _error_text(exc))
-            return dspy.Prediction(label=None, raw_label=None, rationale="", error=_error_text(exc))
-        raw_label = raw.get(LABEL_FIELD)
+            return make_prediction({"label": None, "raw_label": None, "rationale": "", "error": _error_text(exc)})
+        fields = prediction_fields(raw) if type(raw) is dspy.Prediction else raw
+        raw_label = fields.get(LABEL_FIELD)
         label = self.task.parse_label(raw_label)
-        return dspy.Prediction(
-            label=label,
-            raw_label=raw_label,
-            rationale=raw.get(RATIONALE_FIELD) or "",
-            error=None if label is not None else f"unparseable label: {str(raw_label)[:80]!r}",
+        return make_prediction(
+            {
+                "label": label,
+                "raw_label": raw_label,
+                "rationale": fields.get(RATIONALE_FIELD) or "",
+                "error": None if label is not None else f"unparseable label: {str(raw_label)[:80]!r}",
+            }
         )
 
 
-class ImageJudge(dspy.Module):
+class ImageJudge(_Module):
     """A judge program: Verbalizer (q) + Judge (p) for one task.
 
     With ``judge_sees="image"`` (the paper's setting) the judge reads the image and the verbalizer serves the
@@ -224,14 +256,16 @@ class ImageJudge(dspy.Module):
     def forward(self, **inputs: Any) -> dspy.Prediction:
         """Judge one example. Returns a prediction with ``label`` (canonical or ``None``), ``raw_label``,
         ``rationale``, ``error`` and, when the judge reads text, the verbalizations."""
+        if sys._getframe(1).f_code.co_name != "__call__":
+            self._warn_forward_called_directly()
         descriptions: dict[str, str] = {}
         if self.judge_sees in ("text", "both"):
             try:
                 descriptions = self.verbalize(**inputs)
             except Exception as exc:
                 logger.debug("verbalizer call failed: %s", _error_text(exc))
-                return dspy.Prediction(
-                    label=None, raw_label=None, rationale="", error="verbalizer: " + _error_text(exc)
+                return make_prediction(
+                    {"label": None, "raw_label": None, "rationale": "", "error": "verbalizer: " + _error_text(exc)}
                 )
         judge_inputs = {**inputs, **descriptions} if descriptions else inputs
         lm = self.judge_lm
@@ -241,7 +275,7 @@ class ImageJudge(dspy.Module):
             with dspy.context(lm=lm):
                 result = self.judge.run(judge_inputs)
         if descriptions:
-            result = dspy.Prediction(**result.toDict(), **descriptions)
+            result = make_prediction({**result.toDict(), **descriptions})
         return result
 
 

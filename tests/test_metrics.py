@@ -500,3 +500,56 @@ def test_dspy_evaluate_accepts_the_metric(feedback: bool) -> None:
     result = evaluator(program)
     assert result.score == pytest.approx(50.0)  # Evaluate reports a percentage
     assert [float(score) for _, _, score in result.results] == [1.0, 0.0, 0.0, 1.0]
+
+
+# --------------------------------------------------------------------------------------------- label encoding
+def _encode_one_by_one(task: Task, values: list[object], gold: bool) -> list[int | None]:
+    """The reference encoding: each value through ``_lookup``, then ``validate_label`` / ``parse_label``."""
+    index = {label: i for i, label in enumerate(task.labels)}
+    out: list[int | None] = []
+    for value in values:
+        found = bm._lookup(index, value)
+        if found is None and gold:
+            try:
+                found = index[task.validate_label(value)]
+            except LabelError:
+                found = -1
+        elif found is None and value is not None:
+            parsed = task.parse_label(value)
+            found = None if parsed is None else index[parsed]
+        out.append(len(task.labels) if found is None else found)
+    return out
+
+
+_ODD_VALUES = [
+    None,
+    True,
+    False,
+    1,
+    1.0,
+    2,
+    5.0,
+    "1",
+    " 3 ",
+    "yes",
+    "Yes.",
+    " no",
+    "NO",
+    "A",
+    "b",
+    "maybe",
+    [1],
+    {"a": 1},
+]
+
+
+@given(st.sampled_from([ALIGNMENT, RATING, PREFERENCE]), st.lists(st.sampled_from(_ODD_VALUES), max_size=12))
+@settings(max_examples=150, deadline=None)
+def test_encode_labels_matches_a_value_by_value_encoding(task: Task, values: list[object]) -> None:
+    """The batch lookup of exact-type labels gives what the value-by-value path gives, for any mix of values."""
+    values = values + list(task.labels)
+    _, pred = bm.encode_labels(task, [task.labels[0]] * len(values), values)
+    assert pred.tolist() == _encode_one_by_one(task, values, gold=False)
+    golds = [v for v, code in zip(values, _encode_one_by_one(task, values, gold=True), strict=True) if code != -1]
+    gold, _ = bm.encode_labels(task, golds, [None] * len(golds))
+    assert gold.tolist() == _encode_one_by_one(task, golds, gold=True)

@@ -280,6 +280,30 @@ def test_judge_run_is_the_judge_call_without_the_module_layer() -> None:
     assert len(judge.history) == 1  # only the module call recorded itself
 
 
+def test_forward_called_directly_warns_as_dspy_does_and_module_calls_do_not(caplog: pytest.LogCaptureFixture) -> None:
+    """Our modules read attributes without DSPy's per-read hook; ``forward`` itself gives DSPy's warning instead."""
+
+    class Plain(dspy.Module):
+        def forward(self, **inputs: Any) -> dspy.Prediction:
+            return dspy.Prediction(**inputs)
+
+    engines = Engines()
+    program = engines.program(judge_sees="text")
+    inputs = {"image": _image(RED), "prompt": "p"}
+    with caplog.at_level("WARNING"):
+        program(**inputs)
+        program.judge(**inputs, description="d")
+        assert not caplog.records  # module calls, including the verbalizer's inside the program, do not warn
+        program.forward(**inputs)
+        program.judge.forward(**inputs, description="d")
+        with dspy.context(lm=engines.verbalizer_lm):
+            program.verbalizer.forward(image=_image(RED), prompt="p")
+        Plain().forward(x=1)
+    messages = [record.getMessage() for record in caplog.records]
+    dspy_message = messages.pop()
+    assert messages == [dspy_message.replace("Plain", name) for name in ("ImageJudge", "Judge", "Verbalizer")]
+
+
 # --------------------------------------------------------------------------------------------- copies
 @pytest.mark.parametrize("copier", ["deepcopy", "reset_copy"])
 def test_lms_survive_copies_and_stay_routed(copier: str) -> None:
