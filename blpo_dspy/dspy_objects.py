@@ -66,6 +66,21 @@ def _slow_inputs(example: dspy.Example) -> dict[str, Any]:
     return dict(example.inputs().items())
 
 
+def example_fields(example: dspy.Example) -> Mapping[str, Any]:
+    """All fields of a ``dspy.Example`` (its store, read-only; DSPy's ``toDict()`` for a subclass or another
+    layout)."""
+    if EXAMPLE_LAYOUT_KNOWN and type(example) is dspy.Example:
+        return example.__dict__["_store"]
+    return example.toDict()
+
+
+def check_inputs(example: dspy.Example) -> None:
+    """Raise DSPy's ``ValueError`` if no inputs were set on the example (for a plain ``dspy.Example`` of a known
+    layout without building them)."""
+    if not (EXAMPLE_LAYOUT_KNOWN and type(example) is dspy.Example and example.__dict__["_input_keys"] is not None):
+        example.inputs()
+
+
 PREDICTION_LAYOUT_KNOWN = _prediction_layout_is_known()
 EXAMPLE_LAYOUT_KNOWN = _example_layout_is_known()
 

@@ -30,7 +30,7 @@ import dspy
 from dspy.utils.parallelizer import ParallelExecutor
 
 from blpo_dspy.cache import CallJournal, content_key, lm_identity
-from blpo_dspy.dspy_objects import example_inputs, prediction_fields
+from blpo_dspy.dspy_objects import check_inputs, example_fields, example_inputs, prediction_fields
 from blpo_dspy.metrics import (
     METRICS,
     ConfusionMatrix,
@@ -181,8 +181,8 @@ def _fmt(value: float, digits: int) -> str:
     return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _example_id(example: Any) -> str | int | None:
-    value = example.get("id") if hasattr(example, "get") else getattr(example, "id", None)
+def _example_id(value: Any) -> str | int | None:
+    """An example's ``id`` field as recorded: ``None``, a str or an int kept as is, anything else as text."""
     if value is None or isinstance(value, str | int):
         return value
     return str(value)
@@ -193,12 +193,13 @@ def _where(index: int, ident: str | int | None) -> str:
 
 
 class _Job(NamedTuple):
-    """One example ready to run: its position, id, gold label and the keyword arguments of the call."""
+    """One checked example: its position, id, gold label and the example (its inputs are read at call time, so
+    they are not all held at once)."""
 
     index: int
     id: str | int | None
     gold: Label
-    inputs: dict[str, Any]
+    example: dspy.Example
 
 
 def _check_examples(task: Task, examples: Sequence[Any]) -> list[_Job]:
@@ -210,16 +211,18 @@ def _check_examples(task: Task, examples: Sequence[Any]) -> list[_Job]:
     jobs: list[_Job] = []
     validated: dict[tuple[type, Any], Label] = {}
     for index, example in enumerate(examples):
-        ident = _example_id(example)
         if not isinstance(example, dspy.Example):
+            ident = _example_id(example.get("id") if hasattr(example, "get") else getattr(example, "id", None))
             raise TypeError(f"{_where(index, ident)}: expected a dspy.Example, got {type(example).__name__}")
+        fields = example_fields(example)
+        ident = _example_id(fields.get("id"))
         try:
-            inputs = example_inputs(example)
+            check_inputs(example)
         except ValueError as exc:
             raise ValueError(
                 f"{_where(index, ident)}: no input fields; build it with .with_inputs(...) ({exc})"
             ) from exc
-        raw = example.get(LABEL_FIELD, _MISSING)
+        raw = fields.get(LABEL_FIELD, _MISSING)
         if raw is _MISSING:
             raise LabelError(f"{_where(index, ident)}: field 'label': missing")
         key = (type(raw), raw) if type(raw) in _MEMO_TYPES else None
@@ -231,7 +234,7 @@ def _check_examples(task: Task, examples: Sequence[Any]) -> list[_Job]:
                 raise LabelError(f"{_where(index, ident)}: field 'label': {exc}") from exc
             if key is not None:
                 validated[key] = gold
-        jobs.append(_Job(index, ident, gold, inputs))  # the keyword arguments of program(**example.inputs())
+        jobs.append(_Job(index, ident, gold, example))
     return jobs
 
 
@@ -289,7 +292,7 @@ class _Replay:
 
     def key(self, job: _Job) -> str:
         """The journal key of one example under this program."""
-        return content_key(self.namespace, self.program, job.inputs)
+        return content_key(self.namespace, self.program, example_inputs(job.example))
 
     def get(self, key: str, job: _Job) -> PredictionRecord | None:
         """The recorded outcome of the example, or ``None``."""
@@ -326,7 +329,7 @@ def _run_one(program: Any, read_label: _LabelReader, job: _Job) -> PredictionRec
     """Call the program on one example; never raises (except ``BaseException``s such as ``KeyboardInterrupt``)."""
     index, ident, gold = job.index, job.id, job.gold
     try:
-        prediction = program(**job.inputs)
+        prediction = program(**example_inputs(job.example))  # program(**example.inputs())
     except Exception as exc:
         logger.debug("%s: program raised", _where(index, ident), exc_info=True)
         return PredictionRecord(index, ident, gold, None, error=_error_text(exc))

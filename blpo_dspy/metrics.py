@@ -33,6 +33,7 @@ resamples on which the metric is undefined.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -78,41 +79,36 @@ def encode_labels(task: Task, y_true: Sequence[Any], y_pred: Sequence[Any | None
         raise ValueError(f"y_true and y_pred differ in length: {len(y_true)} != {len(y_pred)}")
     index = {label: i for i, label in enumerate(task.labels)}
     unparsed = len(task.labels)
-    gold = np.empty(len(y_true), dtype=np.intp)
-    pred = np.empty(len(y_pred), dtype=np.intp)
-    known_gold = _exact_lookup(task, y_true)
-    for i, value in enumerate(y_true):
-        found = known_gold[i] if known_gold is not None else None
-        if found is None:
-            found = _lookup(index, value)
+    gold = _exact_lookup(task, y_true)
+    for i in [i for i, code in enumerate(gold) if code is None] if None in gold else ():
+        value = y_true[i]
+        found = _lookup(index, value)
         if found is None:
             try:
                 found = index[task.validate_label(value)]
             except LabelError as exc:
                 raise LabelError(f"y_true[{i}]: {exc}") from exc
         gold[i] = found
-    known_pred = _exact_lookup(task, y_pred)
-    for i, value in enumerate(y_pred):
-        found = known_pred[i] if known_pred is not None else None
-        if found is None:
-            found = _lookup(index, value)
+    pred = _exact_lookup(task, y_pred)
+    for i in [i for i, code in enumerate(pred) if code is None] if None in pred else ():
+        value = y_pred[i]
+        found = _lookup(index, value)
         if found is None and value is not None:
             parsed = task.parse_label(value)
             found = None if parsed is None else index[parsed]
         pred[i] = unparsed if found is None else found
-    return gold, pred
+    return np.array(gold, dtype=np.intp), np.array(pred, dtype=np.intp)
 
 
-def _exact_lookup(task: Task, values: Sequence[Any]) -> list[int | None] | None:
-    """The index of every value that is one of the task's labels with its exact type (``None`` for the others), in
-    one pass without a Python call per value; ``None`` if a value is unhashable (then :func:`_lookup` does it all).
-    """
+def _exact_lookup(task: Task, values: Sequence[Any]) -> list[int | None]:
+    """The index of every value that is one of the task's labels with its exact type (``None`` for the others, which
+    :func:`encode_labels` looks up one by one), in one pass without a Python call per value."""
     table = {(type(label), label): i for i, label in enumerate(task.labels) if type(label) in (str, int)}
     get = table.get
     try:
         return [get((type(value), value)) for value in values]
-    except TypeError:
-        return None
+    except TypeError:  # an unhashable value: every value one by one
+        return [None] * len(values)
 
 
 def _lookup(index: Mapping[Any, int], value: Any) -> int | None:
@@ -202,23 +198,35 @@ def kappa_weights(task: Task, weights: KappaWeights = None) -> np.ndarray:
     Raises:
         ValueError: Weights requested for a task that is not ordinal, or unknown weights.
     """
-    k = len(task.labels)
+    return _kappa_weights(task, weights).copy()
+
+
+def _kappa_weights(task: Task, weights: KappaWeights) -> np.ndarray:
+    """:func:`kappa_weights`, read-only and built once per label count and weighting."""
+    if weights in ("linear", "quadratic"):
+        if task.kind != "ordinal":
+            raise ValueError(f"{weights} kappa weights need an ordinal task; task '{task.name}' is {task.kind}")
+    elif weights is not None:
+        raise ValueError(f"kappa weights must be None, 'linear' or 'quadratic', got {weights!r}")
+    return _weights_table(len(task.labels), weights)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_table(k: int, weights: KappaWeights) -> np.ndarray:
     i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
     if weights is None:
         core = (i != j).astype(float)
-    elif weights in ("linear", "quadratic"):
-        if task.kind != "ordinal":
-            raise ValueError(f"{weights} kappa weights need an ordinal task; task '{task.name}' is {task.kind}")
+    else:
         core = np.abs(i - j) / (k - 1)
         if weights == "quadratic":
             core = core**2
-    else:
-        raise ValueError(f"kappa weights must be None, 'linear' or 'quadratic', got {weights!r}")
-    return np.concatenate([core, np.ones((k, 1))], axis=1)
+    table = np.concatenate([core, np.ones((k, 1))], axis=1)
+    table.setflags(write=False)
+    return table
 
 
 def _kappa(task: Task, c: np.ndarray, weights: KappaWeights) -> np.ndarray:
-    w = kappa_weights(task, weights)
+    w = _kappa_weights(task, weights)
     gold, pred, n = _margins(c)
     observed = (w * c).sum(axis=(-2, -1)) * n
     expected = (w * (gold[..., :, None] * pred[..., None, :])).sum(axis=(-2, -1))

@@ -9,7 +9,13 @@ import dspy
 import pytest
 
 from blpo_dspy import dspy_objects
-from blpo_dspy.dspy_objects import example_inputs, make_prediction, prediction_fields
+from blpo_dspy.dspy_objects import (
+    check_inputs,
+    example_fields,
+    example_inputs,
+    make_prediction,
+    prediction_fields,
+)
 
 FIELDS: dict[str, Any] = {"label": "yes", "raw_label": "Yes.", "rationale": "r", "error": None}
 
@@ -62,3 +68,18 @@ def test_example_inputs_are_the_keyword_arguments_of_inputs(reader: Any) -> None
     assert reader(own) == {"image": "from the subclass"}  # a subclass's own inputs() is respected
     with pytest.raises(ValueError, match="with_inputs"):
         reader(dspy.Example(image="i"))  # DSPy's own error
+
+
+def test_check_inputs_raises_dspy_s_error_only_without_inputs() -> None:
+    check_inputs(dspy.Example(image="i", label="yes").with_inputs("image"))
+    with pytest.raises(ValueError, match="with_inputs"):
+        check_inputs(dspy.Example(image="i", label="yes"))
+    check_inputs(_OwnInputs(image="i"))  # a subclass is asked through its own inputs(), which answers here
+
+
+def test_example_fields_are_all_fields() -> None:
+    example = dspy.Example(image="i", label="yes", id=3, dspy_uuid="u").with_inputs("image")
+    expected = {"image": "i", "label": "yes", "id": 3, "dspy_uuid": "u"}
+    assert dict(example_fields(example)) == example.toDict() == expected
+    own = _OwnInputs(image="i", label="no")
+    assert dict(example_fields(own)) == own.toDict()
