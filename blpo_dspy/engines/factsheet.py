@@ -22,6 +22,7 @@ Requests without images go straight to the text engine, so one ``dspy.LM`` can s
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import logging
 import math
@@ -592,24 +593,35 @@ class FactSheetEngine:
             close()
 
     def dump_state(self) -> dict[str, Any]:
-        """Settings for ``program.save`` (no paths, no secrets)."""
+        """Settings for ``program.save`` (no paths, no secrets). The text engine is saved as DSPy saves a custom
+        engine: ``{"class": "module:QualName", "state": its dump_state()}`` (``None`` without one or without a
+        ``dump_state``)."""
         dump = getattr(self.text_engine, "dump_state", None)
+        text_engine = None
+        if callable(dump):
+            kind = type(self.text_engine)
+            text_engine = {"class": f"{kind.__module__}:{kind.__qualname__}", "state": dump()}
         return {
             "rewrite": self.rewrite,
             "ocr": self.ocr,
             "output_field": self.output_field,
             "rewrite_max_tokens": self.rewrite_max_tokens,
             "include_text_fields": self.include_text_fields,
-            "text_engine": dump() if callable(dump) else None,
+            "text_engine": text_engine,
         }
 
     @classmethod
     def load_state(cls, state: Mapping[str, Any]) -> FactSheetEngine:
-        """Rebuild from :meth:`dump_state`; the text engine is a :class:`LlamaCppEngine` when one was saved."""
-        from blpo_dspy.engines.llamacpp import LlamaCppEngine
+        """Rebuild from :meth:`dump_state`, the text engine with its own class's ``load_state``.
 
-        text_state = state.get("text_engine")
-        text_engine = LlamaCppEngine.load_state(text_state) if text_state else None
+        DSPy calls this only for a file loaded with custom engines allowed (``allow_unsafe_lm_state=True``), so the
+        text engine's class is imported as DSPy imports this one. A text engine saved before classes were recorded
+        (its bare state) is a :class:`LlamaCppEngine`.
+
+        Raises:
+            TypeError: The text engine's class cannot be imported or has no ``load_state``/``complete``.
+        """
+        text_engine = _load_text_engine(state.get("text_engine"))
         return cls(
             text_engine,
             rewrite=bool(state.get("rewrite", True)) and text_engine is not None,
@@ -684,6 +696,28 @@ class FactSheetEngine:
         response = self.text_engine.complete(rewrite_request)
         text = _clean_rewrite(response.message.text or "", response.finish_reason)
         return text or facts, response.usage
+
+
+def _load_text_engine(saved: Any) -> Any:
+    """The text engine saved by :meth:`FactSheetEngine.dump_state` (``None`` when none was saved)."""
+    if not saved:
+        return None
+    from blpo_dspy.engines.llamacpp import LlamaCppEngine
+
+    if "class" not in saved:  # saved before classes were recorded: always a llama.cpp engine then
+        return LlamaCppEngine.load_state(saved)
+    path = str(saved["class"])
+    module_name, _, qualname = path.partition(":")
+    try:
+        kind: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            kind = getattr(kind, part)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise TypeError(f"saved text engine class '{path}' cannot be imported: {exc}") from exc
+    load = getattr(kind, "load_state", None)
+    if not callable(load) or not callable(getattr(kind, "complete", None)):
+        raise TypeError(f"saved text engine class '{path}' has no load_state(state) classmethod or no complete()")
+    return load(saved.get("state") or {})
 
 
 def _rewrite_config(request: Request, max_tokens: int) -> Any:

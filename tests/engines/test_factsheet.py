@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import dspy
 import pytest
@@ -175,6 +176,42 @@ def test_text_fields_can_be_left_out_of_the_rewrite() -> None:
     assert spec.brief not in prompt and "Context given with the image" not in prompt
     assert f"Background colour: {spec.background}." in prompt
     state = engine.dump_state()
-    assert state["include_text_fields"] is False and state["text_engine"] == {"model": "scripted"}
-    # load_state rebuilds a saved text engine as a local llama.cpp model; without one, the setting still round-trips
-    assert FactSheetEngine.load_state({**state, "text_engine": None}).include_text_fields is False
+    assert state["include_text_fields"] is False
+    restored = FactSheetEngine.load_state(json.loads(json.dumps(state)))
+    assert restored.include_text_fields is False
+
+
+def test_the_text_engine_is_restored_with_its_own_class() -> None:
+    engine = FactSheetEngine(ScriptedEngine(model="rewriter"), ocr=False)
+    state = json.loads(json.dumps(engine.dump_state()))  # what a saved file holds
+    assert state["text_engine"] == {"class": "blpo_dspy.testing:ScriptedEngine", "state": {"model": "rewriter"}}
+    restored = FactSheetEngine.load_state(state)
+    assert type(restored.text_engine) is ScriptedEngine and restored.text_engine.model == "rewriter"
+    assert restored.rewrite is True and restored.ocr is False
+    for bad, why in [
+        ({"class": "blpo_dspy.testing:NoSuchEngine", "state": {}}, "cannot be imported"),
+        ({"class": "no_such_module_xyz:Engine", "state": {}}, "cannot be imported"),
+        ({"class": "blpo_dspy.task:Task", "state": {}}, "no load_state"),
+    ]:
+        with pytest.raises(TypeError, match=why):
+            FactSheetEngine.load_state({**state, "text_engine": bad})
+
+
+def test_a_text_engine_saved_before_classes_were_recorded_is_a_llamacpp_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from blpo_dspy.engines import llamacpp
+
+    seen: list[dict] = []
+    monkeypatch.setattr(llamacpp.LlamaCppEngine, "load_state", classmethod(lambda cls, st: seen.append(st) or "llama"))
+    legacy = {**FactSheetEngine(None, rewrite=False).dump_state(), "text_engine": {"model": None, "n_ctx": 2048}}
+    assert FactSheetEngine.load_state(legacy).text_engine == "llama"
+    assert seen == [{"model": None, "n_ctx": 2048}]
+
+
+def test_an_lm_with_the_engine_round_trips_through_dspy_s_own_save_and_load() -> None:
+    lm = dspy.LM("factsheet/test", engine=FactSheetEngine(ScriptedEngine(model="rewriter"), ocr=False), cache=False)
+    state = json.loads(json.dumps(lm.dump_state()))
+    with pytest.raises(ValueError, match="Refusing to import custom serialized engine"):
+        dspy.BaseLM.load_state(state)  # DSPy's gate for untrusted files stays in front of both classes
+    engine = dspy.BaseLM.load_state(state, allow_custom_lm_class=True).engine
+    assert type(engine) is FactSheetEngine and engine.ocr is False
+    assert type(engine.text_engine) is ScriptedEngine and engine.text_engine.model == "rewriter"
