@@ -70,6 +70,7 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import dspy
+from dspy.clients import base_lm
 
 from blpo_dspy.budget import UsageLedger
 from blpo_dspy.cache import CallJournal, VerbalizationCache, content_key, lm_identity
@@ -160,7 +161,15 @@ class Bench:
         self.world = CountingWorld()
         self.lm = self.world.lm
         self.task = self.world.task
-        self.examples = self.world.examples(n_examples, seed=1)
+        # Distinct inputs only: the compile's journal answers a repeated (image, prompt) without an LM call, and
+        # every side must make the same calls as its plain loop (the scripted world repeats images past ~256).
+        seen: set[tuple[bytes, str]] = set()
+        self.examples = []
+        for example in self.world.examples(n_examples, seed=1):
+            content = (example.image.url.encode(), example.prompt)
+            if content not in seen:
+                seen.add(content)
+                self.examples.append(example)
         self.program = ImageJudge(self.task, judge_sees="image", judge_lm=self.lm, verbalizer_lm=self.lm)
         signature = self.program.judge.predict.signature  # the very signature the judge uses
         # Each side's plain loop has a predictor of its own, as a user's loop would, and so does the wrapper: a
@@ -303,8 +312,8 @@ class Bench:
 
     def allocations(self) -> dict[str, float]:
         """Net allocations of gc-tracked objects per example of each side's loop and of the plain loop, each run
-        on its own with collection off (call this before DSPy's histories are full: their evictions would free
-        earlier calls' entries in whatever loop runs).
+        on its own with collection off, after emptying DSPy's call histories (a full history evicts, and so frees,
+        an earlier call's entry in whatever loop runs).
 
         Collections are triggered by net allocations and are longer the more objects survive, so the pauses are
         shared out by these counts. They are not counted in the interleaved rounds: there one loop frees what
@@ -323,6 +332,10 @@ class Bench:
             "compile": lambda: [calls.predict_many([example], self.candidate)[0].label for example in examples],
             "journal": lambda: [step(example) for example in examples],
         }
+        base_lm.GLOBAL_HISTORY.clear()
+        holders = [self.lm, self.wrapper, self.wrapper.predict, plain, *self.plain_predictors.values()]
+        for holder in holders + [module for _, module in self.program.named_sub_modules()]:
+            holder.history.clear()
         counts: dict[str, float] = {}
         ballast = [[] for _ in range(100_000)]  # keeps the counter far from 0, where CPython stops counting frees
         gc.disable()
@@ -367,6 +380,7 @@ def run(n_examples: int, rounds: int) -> dict[str, Any]:
     """Run the benchmark; return the raw tallies and the figures printed by :func:`main`."""
     with tempfile.TemporaryDirectory(prefix="blpo-overhead-") as tmp:
         bench = Bench(n_examples, Path(tmp))
+        n_examples = len(bench.examples)  # distinct ones
         sides = bench.sides()
         for side in sides.values():  # warm-up: imports, adapter and pydantic caches, SQLite statement caches
             with dspy.context(lm=bench.lm):
@@ -429,9 +443,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = run(args.examples, args.rounds)
     us, plain_us, ratio = result["us"], result["plain_us"], result["ratio"]
     print(
-        f"{result['examples']} examples x {result['rounds']} rounds, each call of a side next to a plain call on the "
-        f"same example; identical requests and labels; garbage collection {result['gc_pauses_s']:.2f} s in all, "
-        "shared by net allocations per example ("
+        f"{result['examples']} distinct examples x {result['rounds']} rounds, each call of a side next to a plain "
+        f"call on the same example; identical requests and labels; garbage collection {result['gc_pauses_s']:.2f} s "
+        "in all, shared by net allocations per example ("
         + ", ".join(f"{name} {count:.1f}" for name, count in result["allocations"].items())
         + ")"
     )
