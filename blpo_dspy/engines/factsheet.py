@@ -702,6 +702,8 @@ def _load_text_engine(saved: Any) -> Any:
     """The text engine saved by :meth:`FactSheetEngine.dump_state` (``None`` when none was saved)."""
     if not saved:
         return None
+    if not isinstance(saved, Mapping):
+        raise TypeError(f"field 'text_engine': expected an object, got {type(saved).__name__}")
     from blpo_dspy.engines.llamacpp import LlamaCppEngine
 
     if "class" not in saved:  # saved before classes were recorded: always a llama.cpp engine then
@@ -713,11 +715,14 @@ def _load_text_engine(saved: Any) -> Any:
         for part in qualname.split("."):
             kind = getattr(kind, part)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise TypeError(f"saved text engine class '{path}' cannot be imported: {exc}") from exc
+        raise TypeError(f"field 'text_engine.class': '{path}' cannot be imported: {exc}") from exc
     load = getattr(kind, "load_state", None)
     if not callable(load) or not callable(getattr(kind, "complete", None)):
-        raise TypeError(f"saved text engine class '{path}' has no load_state(state) classmethod or no complete()")
-    return load(saved.get("state") or {})
+        raise TypeError(f"field 'text_engine.class': '{path}' has no load_state(state) classmethod or no complete()")
+    state = saved.get("state") or {}
+    if not isinstance(state, Mapping):
+        raise TypeError(f"field 'text_engine.state': expected an object, got {type(state).__name__}")
+    return load(state)
 
 
 def _rewrite_config(request: Request, max_tokens: int) -> Any:

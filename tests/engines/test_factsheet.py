@@ -189,9 +189,11 @@ def test_the_text_engine_is_restored_with_its_own_class() -> None:
     assert type(restored.text_engine) is ScriptedEngine and restored.text_engine.model == "rewriter"
     assert restored.rewrite is True and restored.ocr is False
     for bad, why in [
-        ({"class": "blpo_dspy.testing:NoSuchEngine", "state": {}}, "cannot be imported"),
-        ({"class": "no_such_module_xyz:Engine", "state": {}}, "cannot be imported"),
-        ({"class": "blpo_dspy.task:Task", "state": {}}, "no load_state"),
+        ({"class": "blpo_dspy.testing:NoSuchEngine", "state": {}}, "'text_engine.class': .* cannot be imported"),
+        ({"class": "no_such_module_xyz:Engine", "state": {}}, "'text_engine.class': .* cannot be imported"),
+        ({"class": "blpo_dspy.task:Task", "state": {}}, "'text_engine.class': .* no load_state"),
+        ({"class": "blpo_dspy.testing:ScriptedEngine", "state": "model"}, "'text_engine.state': expected an object"),
+        ("blpo_dspy.testing:ScriptedEngine", "'text_engine': expected an object, got str"),
     ]:
         with pytest.raises(TypeError, match=why):
             FactSheetEngine.load_state({**state, "text_engine": bad})
