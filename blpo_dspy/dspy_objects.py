@@ -55,15 +55,15 @@ def _reader(known: bool) -> Callable[[dspy.Prediction], Mapping[str, Any]]:
     return operator.attrgetter("_store")  # a C call: no Python frame per read
 
 
+def _slow_inputs(example: dspy.Example) -> dict[str, Any]:
+    return dict(example.inputs().items())
+
+
 def _fast_inputs(example: dspy.Example) -> dict[str, Any]:
     keys = example.__dict__["_input_keys"] if type(example) is dspy.Example else None
     if keys is None:  # no inputs (DSPy's inputs() raises its own error) or a subclass, which may read them its way
-        return dict(example.inputs().items())
+        return _slow_inputs(example)
     return {k: v for k, v in example.__dict__["_store"].items() if k in keys and not k.startswith("dspy_")}
-
-
-def _slow_inputs(example: dspy.Example) -> dict[str, Any]:
-    return dict(example.inputs().items())
 
 
 def example_fields(example: dspy.Example) -> Mapping[str, Any]:

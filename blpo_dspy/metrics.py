@@ -80,7 +80,7 @@ def encode_labels(task: Task, y_true: Sequence[Any], y_pred: Sequence[Any | None
     index = {label: i for i, label in enumerate(task.labels)}
     unparsed = len(task.labels)
     gold = _exact_lookup(task, y_true)
-    for i in [i for i, code in enumerate(gold) if code is None] if None in gold else ():
+    for i in [i for i, code in enumerate(gold) if code is None]:
         value = y_true[i]
         found = _lookup(index, value)
         if found is None:
@@ -90,7 +90,7 @@ def encode_labels(task: Task, y_true: Sequence[Any], y_pred: Sequence[Any | None
                 raise LabelError(f"y_true[{i}]: {exc}") from exc
         gold[i] = found
     pred = _exact_lookup(task, y_pred)
-    for i in [i for i, code in enumerate(pred) if code is None] if None in pred else ():
+    for i in [i for i, code in enumerate(pred) if code is None]:
         value = y_pred[i]
         found = _lookup(index, value)
         if found is None and value is not None:
