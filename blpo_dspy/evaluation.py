@@ -35,10 +35,9 @@ from blpo_dspy.metrics import (
     METRICS,
     ConfusionMatrix,
     Score,
-    confusion_matrix,
-    corpus_scores,
     primary_metric,
     resolve_metric_names,
+    scores_and_confusion,
 )
 from blpo_dspy.task import LABEL_FIELD, RATIONALE_FIELD, Label, LabelError, Task
 
@@ -482,7 +481,7 @@ def evaluate(
         )
     y_true = [r.gold for r in records]
     y_pred = [r.label for r in records]
-    scores = corpus_scores(
+    scores, confusion = scores_and_confusion(
         task, y_true, y_pred, metrics=names, ci=ci, n_resamples=n_resamples, seed=seed, confidence=confidence
     )
     return EvaluationReport(
@@ -493,7 +492,7 @@ def evaluate(
         parse_failure_rate=sum(r.label is None for r in records if r.error is None) / len(records),
         error_count=len(errors),
         n=len(records),
-        confusion=confusion_matrix(task, y_true, y_pred),
+        confusion=confusion,
         confidence=confidence,
         replayed=replay.replayed if replay is not None else 0,
     )

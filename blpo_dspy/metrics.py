@@ -102,10 +102,17 @@ def encode_labels(task: Task, y_true: Sequence[Any], y_pred: Sequence[Any | None
 
 def _exact_lookup(task: Task, values: Sequence[Any]) -> list[int | None]:
     """The index of every value that is one of the task's labels with its exact type (``None`` for the others, which
-    :func:`encode_labels` looks up one by one), in one pass without a Python call per value."""
-    table = {(type(label), label): i for i, label in enumerate(task.labels) if type(label) in (str, int)}
-    get = table.get
+    :func:`encode_labels` looks up one by one), in one pass without a Python call per value.
+
+    When every value is of a label's exact type (or ``None``), a plain lookup by value is exact: no ``bool``, float
+    or ``str`` subclass equal to a label is among them. Otherwise each value is looked up with its type.
+    """
+    exact = {type(label) for label in task.labels} & {str, int}
+    table = {(type(label), label): i for i, label in enumerate(task.labels) if type(label) in exact}
     try:
+        if set(map(type, values)) <= {*exact, type(None)}:
+            return list(map({label: i for (_, label), i in table.items()}.get, values))
+        get = table.get
         return [get((type(value), value)) for value in values]
     except TypeError:  # an unhashable value: every value one by one
         return [None] * len(values)
@@ -591,6 +598,10 @@ class ConfusionMatrix:
 def confusion_matrix(task: Task, y_true: Sequence[Any], y_pred: Sequence[Any | None]) -> ConfusionMatrix:
     """Confusion matrix with rows in task label order and an extra ``"unparsed"`` column for ``None``."""
     gold, pred = encode_labels(task, y_true, y_pred)
+    return _confusion(task, gold, pred)
+
+
+def _confusion(task: Task, gold: np.ndarray, pred: np.ndarray) -> ConfusionMatrix:
     counts = _confusion_counts(gold, pred, len(task.labels)).astype(np.int64)
     return ConfusionMatrix(labels=tuple(task.labels), columns=(*task.labels, UNPARSED), counts=counts)
 
@@ -757,6 +768,47 @@ def corpus_scores(
     names = resolve_metric_names(task, metrics)
     _check_bootstrap_args(n_resamples, confidence)
     gold, pred = encode_labels(task, y_true, y_pred)
+    return _scores(task, gold, pred, names, ci=ci, n_resamples=n_resamples, seed=seed, confidence=confidence)
+
+
+def scores_and_confusion(
+    task: Task,
+    y_true: Sequence[Any],
+    y_pred: Sequence[Any | None],
+    *,
+    metrics: str | Sequence[str] | None = None,
+    ci: bool = True,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[dict[str, Score], ConfusionMatrix]:
+    """:func:`corpus_scores` and :func:`confusion_matrix` of a split, with its labels encoded once.
+
+    Args and Raises: as :func:`corpus_scores`.
+
+    Returns:
+        ``(scores, confusion)``, equal to ``corpus_scores(task, y_true, y_pred, ...)`` and
+        ``confusion_matrix(task, y_true, y_pred)``.
+    """
+    names = resolve_metric_names(task, metrics)
+    _check_bootstrap_args(n_resamples, confidence)
+    gold, pred = encode_labels(task, y_true, y_pred)
+    scores = _scores(task, gold, pred, names, ci=ci, n_resamples=n_resamples, seed=seed, confidence=confidence)
+    return scores, _confusion(task, gold, pred)
+
+
+def _scores(
+    task: Task,
+    gold: np.ndarray,
+    pred: np.ndarray,
+    names: list[str],
+    *,
+    ci: bool,
+    n_resamples: int,
+    seed: int,
+    confidence: float,
+) -> dict[str, Score]:
+    """:func:`corpus_scores` on encoded labels and checked arguments."""
     if gold.size == 0:
         raise ValueError("cannot score an empty split")
     k = len(task.labels)

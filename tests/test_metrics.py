@@ -388,6 +388,25 @@ def test_corpus_scores_options() -> None:
         bm.corpus_scores(ALIGNMENT, [], [])
 
 
+@pytest.mark.parametrize(
+    ("task", "gold", "pred"),
+    [
+        (ALIGNMENT, BIN_TRUE, BIN_PRED),
+        (RATING, [1, 2, 3, 4, 5, 3, 2, 4], [1, "3", 3, True, None, 2.0, 2, 5]),  # values of other types than labels
+    ],
+)
+def test_scores_and_confusion_equal_the_two_functions(task: Task, gold: list[object], pred: list[object]) -> None:
+    """Encoding the labels once gives the scores (with intervals) and the confusion matrix of the two calls."""
+    scores, confusion = bm.scores_and_confusion(task, gold, pred, n_resamples=200, seed=5)
+    assert scores == bm.corpus_scores(task, gold, pred, n_resamples=200, seed=5)
+    expected = bm.confusion_matrix(task, gold, pred)
+    assert confusion.to_dict() == expected.to_dict() and int(confusion.counts.sum()) == len(gold)
+    with pytest.raises(ValueError, match="unknown metric 'f2'"):
+        bm.scores_and_confusion(task, gold, pred, metrics=["f2"])
+    with pytest.raises(ValueError, match="empty"):
+        bm.scores_and_confusion(task, [], [])
+
+
 def test_score_serialisation() -> None:
     score = bm.Score(0.8123, 0.75, 0.86)
     assert score.to_dict() == {"value": 0.8123, "low": 0.75, "high": 0.86}
