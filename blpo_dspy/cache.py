@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import queue
+import random
 import sqlite3
 import threading
 import time
@@ -27,6 +28,7 @@ import dspy
 
 from blpo_dspy.images import image_sha256
 
+SQLITE_TIMEOUT_S = 60.0
 _DECODING_KEYS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "top_k", "seed", "n", "rollout_id")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -60,6 +62,26 @@ def lm_identity(lm: dspy.LM | None) -> dict[str, Any]:
     return {"model": getattr(lm, "model", type(lm).__name__), "decoding": decoding}
 
 
+def _retry_locked(statement: Callable[[], Any], path: Path) -> None:
+    """Run a statement that SQLite may refuse at once with "database is locked" while other processes open the file.
+
+    Switching a new file to WAL mode needs an exclusive lock and SQLite does not wait for it (its busy handler is not
+    called), so several processes opening one new file at the same time fail without this retry (jittered, up to
+    ``SQLITE_TIMEOUT_S``).
+    """
+    deadline = time.monotonic() + SQLITE_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.DatabaseError as exc:
+            if not (isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)) or time.monotonic() > deadline:
+                raise type(exc)(f"{path.name}: {exc}") from exc
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.5)
+
+
 class SQLiteStore:
     """A namespaced key -> JSON value store in one SQLite file (WAL mode, a pool of connections shared by threads).
 
@@ -83,11 +105,14 @@ class SQLiteStore:
         raise TypeError("stores are not picklable; pass the path instead")
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=60000")
-        conn.executescript(_SCHEMA)
+        conn = sqlite3.connect(self.path, timeout=SQLITE_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        try:
+            _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"), self.path)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            _retry_locked(lambda: conn.executescript(_SCHEMA), self.path)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     @contextlib.contextmanager
@@ -172,6 +197,10 @@ class VerbalizationCache:
             {"description": description, "image_sha256": image_sha256, "instruction": instruction, "model": model},
         )
 
+    def close(self) -> None:
+        """Close the idle connections (a later call opens new ones)."""
+        self.store.close()
+
     def get_or_compute(
         self,
         *,
@@ -216,3 +245,7 @@ class CallJournal:
     def put(self, kind: str, key: str, value: Mapping[str, Any]) -> None:
         """Record a finished result (before it is used)."""
         self.store.put(kind, key, dict(value))
+
+    def close(self) -> None:
+        """Close the idle connections (a later call opens new ones)."""
+        self.store.close()

@@ -209,6 +209,43 @@ def test_two_processes_writing_one_file_lose_nothing(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+def _open_new_files_together(directory: str, worker: int, rounds: int, barrier: Any) -> None:
+    for r in range(rounds):
+        barrier.wait(timeout=60)  # every process opens the same new file at the same moment
+        path = Path(directory) / f"round-{r}" / "cache.sqlite"
+        CallJournal(path).put("judge", f"{worker}", {"worker": worker})
+        VerbalizationCache(path).put(f"{worker}", "d", image_sha256="s", instruction="q", model="m")
+
+
+def test_processes_opening_one_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    """Switching a new file to WAL mode is refused at once (no busy wait) while another process holds it: a worker
+    started beside others died with "database is locked" before the retry."""
+    context = multiprocessing.get_context("spawn")
+    n, rounds = 4, 5
+    barrier = context.Barrier(n)
+    workers = [
+        context.Process(target=_open_new_files_together, args=(str(tmp_path), w, rounds, barrier)) for w in range(n)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0] * n
+    for r in range(rounds):
+        path = tmp_path / f"round-{r}" / "cache.sqlite"
+        assert CallJournal(path).store.count("judge") == n
+        assert len(VerbalizationCache(path)) == n
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_a_file_that_is_not_a_database_gets_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "not-a-db.sqlite"
+    path.write_bytes(b"this is not a SQLite database, it is long enough to have a header" * 4)
+    with pytest.raises(sqlite3.DatabaseError, match=r"^not-a-db\.sqlite: file is not a database"):
+        SQLiteStore(path)
+
+
 # --------------------------------------------------------------------------------------------- journal
 def test_call_journal_get_put_and_namespaces(tmp_path: Path) -> None:
     path = tmp_path / "run" / "journal.sqlite"

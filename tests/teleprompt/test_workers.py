@@ -85,7 +85,11 @@ def test_two_worker_processes_share_the_round_studies_without_losing_a_result(tm
     ]
     try:
         for worker in workers:
-            assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
+            assert worker.stdout is not None and worker.stderr is not None
+            line = worker.stdout.readline().strip()
+            if line != "ready":  # the worker died before serving: show why
+                worker.kill()
+                pytest.fail(f"worker printed {line!r} instead of 'ready':\n{worker.stderr.read()[-4000:]}")
         shared = _compile(run_dir, allow_workers=True)
         outputs = [worker.communicate(timeout=120) for worker in workers]
     finally:
@@ -177,3 +181,24 @@ def test_open_storage_reuses_one_object_per_url_and_keeps_a_bounded_number(tmp_p
     # a storage pushed out still works (its pool reconnects) and a new one is built for its URL on demand
     assert optuna.get_all_study_names(first) == []
     assert selection.open_storage(urls[0]) is not first
+
+
+def test_open_storage_opens_a_new_storage_for_a_sqlite_file_deleted_since(tmp_path: Path) -> None:
+    """A run directory removed and made again in the same process: the cached storage's pooled connections still
+    hold the deleted file, so its URL gets a new storage that writes to the new file."""
+    from blpo_dspy.teleprompt import selection
+
+    path = tmp_path / "run" / "study.db"
+    path.parent.mkdir()
+    url = f"sqlite:///{path}"
+    first = selection.open_storage(url)
+    optuna.create_study(storage=first, study_name="before")
+    assert selection.open_storage(url) is first  # unchanged file: the same object
+    path.unlink()
+    second = selection.open_storage(url)
+    assert second is not first
+    optuna.create_study(storage=second, study_name="after")
+    assert optuna.get_all_study_names(f"sqlite:///{path}") == ["after"]
+    assert selection.open_storage(url) is second
+    memory = selection.open_storage("sqlite:///:memory:")  # no file to watch: cached as before
+    assert selection.open_storage("sqlite:///:memory:") is memory
