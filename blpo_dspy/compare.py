@@ -11,6 +11,7 @@ compiled program on the same held-out test split, and writes::
                                        ok/failed (+ error text)
         program.json                   the compiled program (ok runs)
         optimizer/                     BLPO-family run directory (state, study, cache)
+        evaluation.sqlite              journal of the held-out evaluation (answers and verbalizations)
       compare.json  compare.csv  compare.md   mean ± std over seeds per optimizer
 
 ``result.json["test"]`` holds ``n``, ``primary``, ``confidence``, ``scores`` (``{metric: {value, low, high}}``),
@@ -18,12 +19,20 @@ compiled program on the same held-out test split, and writes::
 labels in task order and columns the judge's labels plus ``"unparsed"`` (answers that did not parse and failed
 calls), ``counts[i][j]`` the number of test examples of label ``labels[i]`` answered ``columns[j]``.
 
-A failing optimizer is recorded as failed and the other runs go on. Every number in the tables is a mean or a
+A failing optimizer is recorded as failed and the other runs go on. Running the same comparison again reuses the
+ok runs and finishes the others where they stopped: a BLPO-family compile resumes from its ``optimizer/`` state
+without repeating a finished LM call, and held-out examples already answered are replayed from
+``evaluation.sqlite`` (a killed ``blpo compare`` loses only the calls in flight). Its ``result.json`` says
+``resumed: true`` and counts, under ``replayed``, the compile's calls per role and the test examples replayed from
+the earlier attempt. An unfinished run made with other data, seed or models starts again; ``overwrite`` starts
+every run again. Every number in the tables is a mean or a
 sample standard deviation (ddof=1) over the ok runs' ``result.json`` values, so the tables can be recomputed
 from the run files; ``blpo report`` (:func:`blpo_dspy.report.write_report`) recomputes them, and draws its plots,
 from the ``result.json`` files alone. LM calls are counted by a DSPy callback during the compile (the test
 evaluation is counted separately, under ``evaluation_usage``); they include calls answered by DSPy's own cache, if
-the LMs use it.
+the LMs use it. ``usage`` counts the calls the run's last attempt made; the tables' call columns add the calls it
+replayed from an earlier attempt, so a resumed run counts what an uninterrupted one makes (tokens count the calls
+made).
 
 Optimizer names (:data:`OPTIMIZER_NAMES`): ``no-opt``, ``blpo`` (guarded selection), ``blpo-paper`` (the paper's
 selection), ``fixed-i2t``, ``judge-prompt-i2t``, ``opro``, ``apo-image``, ``mipro``, ``copro``, ``gepa``,
@@ -45,7 +54,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +62,13 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from blpo_dspy.budget import ROLES, TOTAL, normalise_caps
-from blpo_dspy.cache import lm_identity
+from blpo_dspy.cache import CallJournal, VerbalizationCache, lm_identity
 from blpo_dspy.data.splits import data_fingerprint, stratified_split
 from blpo_dspy.evaluation import evaluate
 from blpo_dspy.metrics import METRICS, primary_metric
 from blpo_dspy.modules import ImageJudge
 from blpo_dspy.task import JudgeSees, Task
+from blpo_dspy.teleprompt.blpo import ResumeError
 from blpo_dspy.teleprompt.builtins import BUILTIN_OPTIMIZERS, LMCallCounter, make_optimizer, share_on_deepcopy
 
 logger = logging.getLogger(__name__)
@@ -80,6 +90,7 @@ OPTIMIZER_NAMES: tuple[str, ...] = (
 )
 DEFAULT_SPLIT_SIZES: dict[str, float] = {"train": 0.5, "val": 0.25, "test": 0.25}
 KAPPA = "cohen_kappa"
+EVALUATION_JOURNAL = "evaluation.sqlite"
 _MAX_ERROR_TEXT = 2000
 
 
@@ -101,6 +112,8 @@ class OptimizerContext:
         error_batch_size: BLPO/APO error batch size.
         retain_batch_size: BLPO retain batch size.
         proposer_supports_images: Whether the proposer accepts images (``None``: ask DSPy's model metadata).
+        resume: ``run_dir`` holds the state of an earlier attempt of this run that did not finish; an optimizer that
+            can resume (the BLPO family) continues it without repeating finished LM calls.
     """
 
     name: str
@@ -116,6 +129,7 @@ class OptimizerContext:
     error_batch_size: int = 10
     retain_batch_size: int = 10
     proposer_supports_images: bool | None = False
+    resume: bool = False
 
     @property
     def budget_calls(self) -> int | None:
@@ -153,6 +167,7 @@ def build_optimizer(context: OptimizerContext) -> Teleprompter:
         "seed": c.seed,
         "max_calls": c.max_calls,
         "run_dir": c.run_dir,
+        "resume": c.resume,
     }
     if c.name == "blpo":
         return BLPO(**blpo_kwargs)
@@ -438,7 +453,12 @@ def _run_one(
     overwrite: bool,
     split_info: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
-    """Compile and evaluate one (optimizer, seed); never raises for an optimizer failure."""
+    """Compile and evaluate one (optimizer, seed); never raises for an optimizer failure.
+
+    A run that did not finish (killed, or failed) keeps its directory: a BLPO-family compile resumes from its state
+    without repeating finished LM calls, and the held-out examples already answered are replayed from the run's
+    evaluation journal. ``overwrite`` starts every run afresh.
+    """
     run_dir = context.run_dir.parent
     result_path = run_dir / "result.json"
     if result_path.exists() and not overwrite:
@@ -446,10 +466,16 @@ def _run_one(
         if previous.get("status") == "ok":
             logger.info("compare: %s seed %d already done; reusing its result.json", context.name, context.seed)
             return previous
-    if run_dir.exists():
+    if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    logger.info("compare: %s, seed %d", context.name, context.seed)
+    for stale in ("result.json", "program.json", "error.txt"):  # an earlier attempt's outcome, written again below
+        (run_dir / stale).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (context.run_dir / "state.json").exists():
+        context = replace(context, resume=True)
+        logger.info("compare: %s, seed %d, resuming the unfinished attempt", context.name, context.seed)
+    else:
+        logger.info("compare: %s, seed %d", context.name, context.seed)
     task = context.task
     result: dict[str, Any] = {
         "format": COMPARE_FORMAT,
@@ -470,15 +496,15 @@ def _run_one(
         "instructions": None,
         "stop_reason": None,
         "settings": None,
+        "resumed": False,
+        "replayed": None,
     }
     counter = LMCallCounter()
     began = time.perf_counter()
     try:
-        optimizer = factory(context)
-        result["settings"] = _json_safe(optimizer.get_params())
         student = ImageJudge(task, judge_sees=judge_sees, verbalizer_lm=verbalizer_lm, judge_lm=judge_lm)
         with counter.active():
-            compiled = optimizer.compile(student, trainset=list(splits["train"]), valset=list(splits["val"]))
+            compiled = _compile(context, factory, student, splits, result)
         compiled_at = time.perf_counter()
         result["wall_seconds"]["compile"] = round(compiled_at - began, 3)
         result["usage"] = counter.usage()
@@ -489,19 +515,32 @@ def _run_one(
         if getattr(compiled, "budget_plan_", None) is not None:
             result["budget_plan"] = _json_safe(compiled.budget_plan_)
         eval_counter = LMCallCounter()
-        with eval_counter.active():
-            report = evaluate(
-                compiled,
-                splits["test"],
-                task=task,
-                metric=metrics,
-                num_threads=context.num_threads,
-                ci=True,
-                n_resamples=n_resamples,
-                seed=context.seed,
-            )
+        # Journaled in the run's directory, verbalizations included: a resumed run replays the held-out examples
+        # (and the verbalizations) answered before the kill instead of asking them again.
+        journal = CallJournal(run_dir / EVALUATION_JOURNAL)
+        verbalizations = VerbalizationCache(run_dir / EVALUATION_JOURNAL)
+        judged = compiled.deepcopy()
+        if isinstance(judged, ImageJudge):
+            judged.set_cache(verbalizations)
+        try:
+            with eval_counter.active():
+                report = evaluate(
+                    judged,
+                    splits["test"],
+                    task=task,
+                    metric=metrics,
+                    num_threads=context.num_threads,
+                    ci=True,
+                    n_resamples=n_resamples,
+                    seed=context.seed,
+                    journal=journal,
+                )
+        finally:
+            journal.close()
+            verbalizations.close()
         result["wall_seconds"]["evaluate"] = round(time.perf_counter() - compiled_at, 3)
         result["evaluation_usage"] = eval_counter.usage()
+        result["replayed"] = {"compile": _replayed_calls(compiled), "evaluation": report.replayed}
         result["test"] = {
             "n": report.n,
             "primary": report.primary,
@@ -524,6 +563,47 @@ def _run_one(
             result["wall_seconds"]["compile"] = round(time.perf_counter() - began, 3)
     _write_json(result_path, result)
     return result
+
+
+def _compile(
+    context: OptimizerContext,
+    factory: OptimizerFactory,
+    student: dspy.Module,
+    splits: Mapping[str, list[dspy.Example]],
+    result: dict[str, Any],
+) -> dspy.Module:
+    """Build the run's optimizer and compile the student; record its settings and whether it resumed in ``result``.
+
+    An unfinished attempt that cannot be resumed (its run directory was made with other data, seed or models) is
+    discarded with a warning, and the run starts again.
+    """
+
+    def attempt(context: OptimizerContext) -> dspy.Module:
+        optimizer = factory(context)
+        result["settings"] = _json_safe(optimizer.get_params())
+        result["resumed"] = context.resume
+        return optimizer.compile(student, trainset=list(splits["train"]), valset=list(splits["val"]))
+
+    if context.resume:
+        try:
+            return attempt(context)
+        except ResumeError as exc:
+            logger.warning("compare: %s seed %d cannot resume (%s); starting it again", context.name, context.seed, exc)
+            shutil.rmtree(context.run_dir)
+            context = replace(context, resume=False)
+    return attempt(context)
+
+
+def _replayed_calls(compiled: Any) -> dict[str, int]:
+    """Per role, the compile's LM calls replayed from an earlier attempt's journal (BLPO family; 0 for others)."""
+    usage = getattr(compiled, "usage_", None)
+    usage = usage if isinstance(usage, Mapping) else {}
+    out = {}
+    for role in (*ROLES, TOTAL):
+        counts = usage.get(role)
+        value = counts.get("replayed", 0) if isinstance(counts, Mapping) else 0
+        out[role] = value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return out
 
 
 def _save_program(program: Any, path: Path) -> None:
@@ -576,7 +656,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]], optimizers: Sequence[str], metr
             ]
             mean, std = _mean_std(values)
             row["metrics"][metric] = {"mean": mean, "std": std, "n": len(values)}
-        row["calls"] = {role: _mean_std([r["usage"][role]["calls"] for r in ok])[0] for role in (*ROLES, TOTAL)}
+        row["calls"] = {role: _mean_std([compile_calls(r, role) for r in ok])[0] for role in (*ROLES, TOTAL)}
         row["tokens"] = _mean_std(
             [r["usage"][TOTAL]["prompt_tokens"] + r["usage"][TOTAL]["completion_tokens"] for r in ok]
         )[0]
@@ -584,6 +664,14 @@ def aggregate(runs: Sequence[Mapping[str, Any]], optimizers: Sequence[str], metr
         row["wall_seconds"] = _mean_std([r["wall_seconds"]["compile"] for r in ok])[0]
         rows.append(row)
     return rows
+
+
+def compile_calls(run: Mapping[str, Any], role: str) -> int:
+    """A run's compile LM calls of one role (or ``"total"``) from its ``result.json``: made by the attempt that
+    finished it, plus those an earlier, killed attempt finished and the resumed one replayed (so a resumed run counts
+    what an uninterrupted one makes)."""
+    replayed = (run.get("replayed") or {}).get("compile") or {}
+    return run["usage"][role]["calls"] + replayed.get(role, 0)
 
 
 def format_mean_std(mean: float | None, std: float | None, digits: int = 3) -> str:

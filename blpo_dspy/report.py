@@ -352,6 +352,18 @@ def _check_result(data: Any, display: str) -> dict[str, Any]:
             for key in ("calls", "prompt_tokens", "completion_tokens", "images"):
                 value = counters.get(key)
                 _require(_is_number(value) and value >= 0, display, f"usage.{role}.{key}", f"bad count {value!r}")
+    replayed = data.get("replayed")
+    if replayed is not None:  # written since resumable compare runs; calls and examples an earlier attempt finished
+        _require(isinstance(replayed, dict), display, "replayed", "expected an object with compile, evaluation")
+        calls = replayed.get("compile")
+        _require(isinstance(calls, dict), display, "replayed.compile", "expected an object of role -> calls")
+        for role in USAGE_ROLES:
+            value = calls.get(role, 0)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            _require(ok, display, f"replayed.compile.{role}", f"bad count {value!r}")
+        value = replayed.get("evaluation", 0)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        _require(ok, display, "replayed.evaluation", f"bad count {value!r}")
     wall = data.get("wall_seconds")
     _require(isinstance(wall, dict), display, "wall_seconds", "expected an object with compile, evaluate")
     for key in ("compile", "evaluate"):
@@ -1058,7 +1070,7 @@ def _first_line(text: Any, limit: int = 300) -> str:
 
 def _comparison_sections(data: RunData, digits: int, images: Sequence[str]) -> list[Section]:
     """The comparison table, failures, per-run scores and the comparison plots, all from the runs' result.json."""
-    from blpo_dspy.compare import aggregate, table_header, table_rows
+    from blpo_dspy.compare import aggregate, compile_calls, table_header, table_rows
 
     results = data.results
     groups = _by_optimizer(data)
@@ -1123,7 +1135,7 @@ def _comparison_sections(data: RunData, digits: int, images: Sequence[str]) -> l
                 r["status"],
                 format_number(score.get("value"), digits) if score else _MISSING,
                 _fmt_interval(score, digits) if score else _MISSING,
-                _fmt_int(total.get("calls")),
+                _fmt_int(compile_calls(r, "total") if _is_number(total.get("calls")) else None),
                 _fmt_int(tokens),
                 format_number(r["wall_seconds"].get("compile"), 2),
                 format_number(r["test"].get("parse_failure_rate"), digits) if r["status"] == "ok" else _MISSING,
@@ -1371,6 +1383,8 @@ def _compare_scores_png(groups: Sequence[_OptimizerRuns], primary: str | None) -
 
 def _compare_cost_png(groups: Sequence[_OptimizerRuns], primary: str | None) -> bytes:
     """Held-out primary metric vs LM calls of the compile, one marker per ok run, one colour per optimizer."""
+    from blpo_dspy.compare import compile_calls
+
     figure_class, canvas_class = _matplotlib()
     title = _metric_title(primary) if primary else "primary metric"
     fig = figure_class(figsize=(7.8, 4.8), layout="constrained")
@@ -1378,9 +1392,7 @@ def _compare_cost_png(groups: Sequence[_OptimizerRuns], primary: str | None) -> 
     plotted = False
     for i, group in enumerate(groups):
         color, marker = f"C{i % 10}", _MARKERS[i % len(_MARKERS)]
-        points = [
-            (float(r["usage"]["total"]["calls"]), s) for r in group.ok if primary and (s := _run_score(r, primary))
-        ]
+        points = [(float(compile_calls(r, "total")), s) for r in group.ok if primary and (s := _run_score(r, primary))]
         if not points:
             ax.plot([], [], linestyle="none", marker="x", color="gray", label=f"{group.name} ({group.missing_reason})")
             continue

@@ -231,6 +231,39 @@ def test_run_compare_reuses_finished_runs_and_retries_failed_ones(tmp_path: Path
     assert second.row("flaky")["ok"] == 1
 
 
+def test_an_unfinished_run_that_cannot_be_resumed_starts_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A BLPO run left unfinished with other data (its state names other splits) is started afresh, not failed."""
+    world = CountingWorld()
+    common: dict[str, Any] = {
+        "optimizers": ["blpo"],
+        "seeds": [0],
+        "judge_sees": "image",
+        "verbalizer_lm": world.lm,
+        "judge_lm": world.lm,
+        "proposer_lm": world.lm,
+        "out_dir": tmp_path,
+        "num_threads": 1,
+        "n_resamples": 20,
+        **KNOBS,
+    }
+    first = run_compare(world.task, _splits(world), **common)
+    cell = tmp_path / "runs" / "blpo" / "seed-0"
+    assert first.runs[0]["status"] == "ok" and (cell / "optimizer" / "state.json").exists()
+    (cell / "result.json").unlink()  # as if killed after the compile
+    other = {**_splits(world), "train": world.examples(16, seed=9)}
+    made = len(world.engine.calls)
+    with caplog.at_level("WARNING", logger="blpo_dspy.compare"):
+        second = run_compare(world.task, other, **common)
+    run = second.runs[0]
+    assert run["status"] == "ok" and run["resumed"] is False, run["error"]
+    assert "cannot resume" in caplog.text and "different data" in caplog.text
+    assert run["replayed"]["compile"]["total"] == 0
+    assert len(world.engine.calls) - made == run["usage"]["total"]["calls"] + run["evaluation_usage"]["total"]["calls"]
+    assert json.loads((cell / "optimizer" / "state.json").read_text())["status"] == "finished"
+
+
 def test_run_compare_splits_examples_and_validates(tmp_path: Path) -> None:
     world = CountingWorld()
     lm = world.lm

@@ -540,6 +540,24 @@ def test_comparison_runs_without_confusion_matrices(tmp_path: Path) -> None:
     assert (folder / COMPARE_CONFUSION_PNG).read_bytes().startswith(PNG_MAGIC)
 
 
+def test_a_resumed_run_counts_the_calls_it_replayed(tmp_path: Path) -> None:
+    """A run resumed after a kill made fewer calls itself: tables and cost plot add back those it replayed."""
+    folder = tmp_path / "cmp"
+    resumed = _result("a", 1, 0.7, calls=12)
+    resumed["resumed"] = True
+    resumed["replayed"] = {"compile": {"verbalizer": 0, "judge": 18, "proposer": 0, "total": 18}, "evaluation": 3}
+    _write_results(folder, [_result("a", 0, 0.5, calls=30), resumed])
+    md = write_report(folder).md.read_text(encoding="utf-8")
+    assert md_tables(section(md, "Comparison"))[0][1][4] == "30.0"  # LM calls: mean of 30 and 12 + 18
+    runs = md_tables(section(md, "Runs"))[0]
+    assert [row[5] for row in runs[1:]] == ["30", "30"]
+    for bad, field in (({"compile": {"judge": -1}}, "replayed.compile.judge"), ({"compile": []}, "replayed.compile")):
+        resumed["replayed"] = bad
+        _write_results(folder, [resumed])
+        with pytest.raises(ReportError, match=rf"seed-1/result\.json: field '{re.escape(field)}'"):
+            write_report(folder)
+
+
 def test_bad_comparison_results_name_the_file_and_field(tmp_path: Path) -> None:
     folder = tmp_path / "cmp"
     bad = _result("a", 0, 0.5)

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +45,7 @@ def import_optuna() -> Any:
     return optuna
 
 
-_STORAGES: collections.OrderedDict[str, Any] = collections.OrderedDict()
+_STORAGES: collections.OrderedDict[str, tuple[Any, tuple[int, int] | None]] = collections.OrderedDict()
 _STORAGES_LOCK = threading.Lock()
 MAX_OPEN_STORAGES = 8
 SQLITE_TIMEOUT_S = 60.0
@@ -57,24 +58,49 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     every ``load_study(storage=url)``) keeps processes that share a SQLite file from racing on them. SQLite
     connections wait up to ``SQLITE_TIMEOUT_S`` for a lock instead of failing with "database is locked". A storage
     pushed out of the cache has its connection pool closed (it reconnects if still used), so a process running many
-    compiles does not keep a pool per run directory.
+    compiles does not keep a pool per run directory. A SQLite file deleted or replaced since it was opened (a run
+    directory removed and made again) gets a new storage: the cached one's pooled connections still hold the old file.
     """
     optuna = import_optuna()
     with _STORAGES_LOCK:
         if url in _STORAGES:
-            _STORAGES.move_to_end(url)
-            return _STORAGES[url]
+            storage, opened = _STORAGES[url]
+            if opened == _sqlite_file(url):
+                _STORAGES.move_to_end(url)
+                return storage
+            del _STORAGES[url]
+            _dispose(storage)
         if url.startswith("sqlite:"):
             storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
         else:
             storage = optuna.storages.get_storage(url)
-        _STORAGES[url] = storage
+        _STORAGES[url] = (storage, _sqlite_file(url))
         while len(_STORAGES) > MAX_OPEN_STORAGES:
-            _, old = _STORAGES.popitem(last=False)
-            engine = getattr(old, "engine", None)
-            if engine is not None:
-                engine.dispose()
+            _, (old, _) = _STORAGES.popitem(last=False)
+            _dispose(old)
         return storage
+
+
+def _sqlite_file(url: str) -> tuple[int, int] | None:
+    """(device, inode) of a SQLite URL's database file; ``None`` for other URLs, in-memory databases or no file."""
+    if not url.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url  # optuna's own dependency
+
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return None
+    try:
+        stat = os.stat(database)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _dispose(storage: Any) -> None:
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()
 
 
 def rung_sizes(n: int, n_rungs: int) -> list[int]:
