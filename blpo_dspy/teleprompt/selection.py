@@ -71,7 +71,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             del _STORAGES[url]
             _dispose(storage)
         if url.startswith("sqlite:"):
-            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
+            with _storage_lock(url):  # processes opening one new file at once would race on creating its schema
+                storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
         else:
             storage = optuna.storages.get_storage(url)
         _STORAGES[url] = (storage, _sqlite_file(url))
@@ -81,14 +82,20 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return storage
 
 
-def _sqlite_file(url: str) -> tuple[int, int] | None:
-    """(device, inode) of a SQLite URL's database file; ``None`` for other URLs, in-memory databases or no file."""
-    if not url.startswith("sqlite:"):
+def _sqlite_database(url: str | None) -> str | None:
+    """The database file of a SQLite URL; ``None`` for other URLs and in-memory databases."""
+    if not url or not url.startswith("sqlite:"):
         return None
     from sqlalchemy.engine import make_url  # optuna's own dependency
 
     database = make_url(url).database
-    if not database or database == ":memory:":
+    return None if not database or database == ":memory:" else database
+
+
+def _sqlite_file(url: str) -> tuple[int, int] | None:
+    """(device, inode) of a SQLite URL's database file; ``None`` for other URLs, in-memory databases or no file."""
+    database = _sqlite_database(url)
+    if database is None:
         return None
     try:
         stat = os.stat(database)
@@ -364,7 +371,7 @@ def claim_waiting_trial(study: optuna.Study, *, worker: str, storage_url: str | 
         storage_url: The study's storage URL (selects the SQLite lock file).
     """
     optuna = import_optuna()
-    with _claim_lock(storage_url):
+    with _storage_lock(storage_url):
         trials = study.get_trials(deepcopy=False)
         choices = next((t.distributions[PARAM].choices for t in trials if PARAM in t.distributions), None)
         for frozen in trials:
@@ -380,12 +387,15 @@ def claim_waiting_trial(study: optuna.Study, *, worker: str, storage_url: str | 
 
 
 @contextlib.contextmanager
-def _claim_lock(storage_url: str | None) -> Iterator[None]:
-    prefix = "sqlite:///"
-    if not storage_url or not storage_url.startswith(prefix):
-        yield  # in memory (one process) or a server database (row locks make the claim atomic)
+def _storage_lock(storage_url: str | None) -> Iterator[None]:
+    """Serialise, across processes, what SQLite's Python driver leaves open to races: a trial claim's read and write,
+    and the creation of a new database's schema (Optuna creates its tables and stamps their version unguarded). A
+    no-op for in-memory databases (one process) and server databases (their row locks and DDL are transactional)."""
+    database = _sqlite_database(storage_url)
+    if database is None or not os.path.isdir(os.path.dirname(os.path.abspath(database))):
+        yield  # no file to share (a missing folder fails in Optuna with its own error)
         return
-    with open(storage_url[len(prefix) :] + ".claim-lock", "a+b") as handle:
+    with open(database + ".claim-lock", "a+b") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

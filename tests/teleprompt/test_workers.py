@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import sqlite3
 import subprocess
@@ -202,3 +203,33 @@ def test_open_storage_opens_a_new_storage_for_a_sqlite_file_deleted_since(tmp_pa
     assert selection.open_storage(url) is second
     memory = selection.open_storage("sqlite:///:memory:")  # no file to watch: cached as before
     assert selection.open_storage("sqlite:///:memory:") is memory
+
+
+def _open_new_storages_together(directory: str, worker: int, rounds: int, barrier: Any) -> None:
+    from blpo_dspy.teleprompt.selection import open_storage
+
+    for r in range(rounds):
+        barrier.wait(timeout=60)  # every process opens the same new database at the same moment
+        storage = open_storage(f"sqlite:///{Path(directory) / f'round-{r}' / 'study.db'}")
+        optuna.create_study(storage=storage, study_name=f"worker-{worker}")
+
+
+def test_processes_opening_one_new_study_storage_at_once_all_open_it(tmp_path: Path) -> None:
+    """Optuna creates a new database's tables and stamps their version without a guard: processes opening one new
+    SQLite storage together failed with 'table ... already exists' or a UNIQUE constraint before the schema lock."""
+    context = multiprocessing.get_context("spawn")
+    n, rounds = 3, 4
+    for r in range(rounds):
+        (tmp_path / f"round-{r}").mkdir()
+    barrier = context.Barrier(n)
+    workers = [
+        context.Process(target=_open_new_storages_together, args=(str(tmp_path), w, rounds, barrier)) for w in range(n)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=180)
+    assert [w.exitcode for w in workers] == [0] * n
+    for r in range(rounds):
+        url = f"sqlite:///{tmp_path / f'round-{r}' / 'study.db'}"
+        assert sorted(optuna.get_all_study_names(url)) == [f"worker-{w}" for w in range(n)]
