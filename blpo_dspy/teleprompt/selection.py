@@ -390,7 +390,8 @@ def claim_waiting_trial(study: optuna.Study, *, worker: str, storage_url: str | 
 def _storage_lock(storage_url: str | None) -> Iterator[None]:
     """Serialise, across processes, what SQLite's Python driver leaves open to races: a trial claim's read and write,
     and the creation of a new database's schema (Optuna creates its tables and stamps their version unguarded). A
-    no-op for in-memory databases (one process) and server databases (their row locks and DDL are transactional)."""
+    no-op for in-memory databases (one process) and server databases: their row locks make a claim atomic, and a
+    compile with workers creates the schema before its ``state.json`` lets a worker in."""
     database = _sqlite_database(storage_url)
     if database is None or not os.path.isdir(os.path.dirname(os.path.abspath(database))):
         yield  # no file to share (a missing folder fails in Optuna with its own error)
