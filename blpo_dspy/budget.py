@@ -32,6 +32,8 @@ class RoleUsage:
         prompt_tokens: Prompt tokens reported by the LM.
         completion_tokens: Completion tokens reported by the LM.
         seconds: Wall time spent in this role's LM calls (summed over threads).
+        replayed_tokens: Prompt + completion tokens of the replayed calls, as the LM reported them when the earlier
+            attempt made them (journal entries written before tokens were journaled count 0).
     """
 
     calls: int = 0
@@ -41,6 +43,7 @@ class RoleUsage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    replayed_tokens: int = 0
 
 
 class UsageLedger:
@@ -94,8 +97,9 @@ class UsageLedger:
                 usage.calls += 1
             return True
 
-    def record_tokens(self, role: str, usage: Mapping[str, Any]) -> None:
-        """Add the token counts of one call (a DSPy usage dict, summed over models)."""
+    def record_tokens(self, role: str, usage: Mapping[str, Any]) -> int:
+        """Add the token counts of one call (a DSPy usage dict, summed over models); return its prompt + completion
+        tokens (journaled with the call, so a resumed run can count them as replayed)."""
         prompt = completion = 0
         for entry in usage.values():
             if isinstance(entry, Mapping):
@@ -104,6 +108,13 @@ class UsageLedger:
         with self._lock:
             self.roles[role].prompt_tokens += prompt
             self.roles[role].completion_tokens += completion
+        return prompt + completion
+
+    def record_replayed_tokens(self, role: str, tokens: Any) -> None:
+        """Add the journaled token count of one replayed call (anything but a non-negative int counts 0)."""
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+            with self._lock:
+                self.roles[role].replayed_tokens += tokens
 
     def record_time(self, role: str, seconds: float) -> None:
         """Add the wall time of one call."""

@@ -23,16 +23,15 @@ A failing optimizer is recorded as failed and the other runs go on. Running the 
 ok runs and finishes the others where they stopped: a BLPO-family compile resumes from its ``optimizer/`` state
 without repeating a finished LM call, and held-out examples already answered are replayed from
 ``evaluation.sqlite`` (a killed ``blpo compare`` loses only the calls in flight). Its ``result.json`` says
-``resumed: true`` and counts, under ``replayed``, the compile's calls per role and the test examples replayed from
-the earlier attempt. An unfinished run made with other data, seed or models starts again; ``overwrite`` starts
-every run again. Every number in the tables is a mean or a
-sample standard deviation (ddof=1) over the ok runs' ``result.json`` values, so the tables can be recomputed
-from the run files; ``blpo report`` (:func:`blpo_dspy.report.write_report`) recomputes them, and draws its plots,
-from the ``result.json`` files alone. LM calls are counted by a DSPy callback during the compile (the test
+``resumed: true`` and counts, under ``replayed``, the compile's calls per role (``compile``), their tokens
+(``compile_tokens``) and the test examples (``evaluation``) replayed from the earlier attempt. An unfinished run
+made with other data, seed or models starts again; ``overwrite`` starts every run again. Every number in the tables
+is a mean or a sample standard deviation (ddof=1) over the ok runs' ``result.json`` values, so the tables can be
+recomputed from the run files; ``blpo report`` (:func:`blpo_dspy.report.write_report`) recomputes them, and draws
+its plots, from the ``result.json`` files alone. LM calls are counted by a DSPy callback during the compile (the test
 evaluation is counted separately, under ``evaluation_usage``); they include calls answered by DSPy's own cache, if
-the LMs use it. ``usage`` counts the calls the run's last attempt made; the tables' call columns add the calls it
-replayed from an earlier attempt, so a resumed run counts what an uninterrupted one makes (tokens count the calls
-made).
+the LMs use it. ``usage`` counts the calls the run's last attempt made; the tables' call and token columns add the
+calls it replayed from an earlier attempt, so a resumed run counts what an uninterrupted one makes.
 
 Optimizer names (:data:`OPTIMIZER_NAMES`): ``no-opt``, ``blpo`` (guarded selection), ``blpo-paper`` (the paper's
 selection), ``fixed-i2t``, ``judge-prompt-i2t``, ``opro``, ``apo-image``, ``mipro``, ``copro``, ``gepa``,
@@ -540,7 +539,11 @@ def _run_one(
             verbalizations.close()
         result["wall_seconds"]["evaluate"] = round(time.perf_counter() - compiled_at, 3)
         result["evaluation_usage"] = eval_counter.usage()
-        result["replayed"] = {"compile": _replayed_calls(compiled), "evaluation": report.replayed}
+        result["replayed"] = {
+            "compile": _replayed(compiled, "replayed", (*ROLES, TOTAL)),
+            "compile_tokens": _replayed(compiled, "replayed_tokens", (TOTAL,))[TOTAL],
+            "evaluation": report.replayed,
+        }
         result["test"] = {
             "n": report.n,
             "primary": report.primary,
@@ -594,14 +597,14 @@ def _compile(
     return attempt(context)
 
 
-def _replayed_calls(compiled: Any) -> dict[str, int]:
-    """Per role, the compile's LM calls replayed from an earlier attempt's journal (BLPO family; 0 for others)."""
+def _replayed(compiled: Any, counter: str, roles: Sequence[str]) -> dict[str, int]:
+    """Per role, a counter of the compile's ``usage_`` (BLPO family; 0 for others and for a malformed value)."""
     usage = getattr(compiled, "usage_", None)
     usage = usage if isinstance(usage, Mapping) else {}
     out = {}
-    for role in (*ROLES, TOTAL):
+    for role in roles:
         counts = usage.get(role)
-        value = counts.get("replayed", 0) if isinstance(counts, Mapping) else 0
+        value = counts.get(counter, 0) if isinstance(counts, Mapping) else 0
         out[role] = value if isinstance(value, int) and not isinstance(value, bool) else 0
     return out
 
@@ -657,9 +660,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]], optimizers: Sequence[str], metr
             mean, std = _mean_std(values)
             row["metrics"][metric] = {"mean": mean, "std": std, "n": len(values)}
         row["calls"] = {role: _mean_std([compile_calls(r, role) for r in ok])[0] for role in (*ROLES, TOTAL)}
-        row["tokens"] = _mean_std(
-            [r["usage"][TOTAL]["prompt_tokens"] + r["usage"][TOTAL]["completion_tokens"] for r in ok]
-        )[0]
+        row["tokens"] = _mean_std([compile_tokens(r) for r in ok])[0]
         row["proposer_images"] = _mean_std([r["usage"]["proposer"]["images"] for r in ok])[0]
         row["wall_seconds"] = _mean_std([r["wall_seconds"]["compile"] for r in ok])[0]
         rows.append(row)
@@ -672,6 +673,15 @@ def compile_calls(run: Mapping[str, Any], role: str) -> int:
     what an uninterrupted one makes)."""
     replayed = (run.get("replayed") or {}).get("compile") or {}
     return run["usage"][role]["calls"] + replayed.get(role, 0)
+
+
+def compile_tokens(run: Mapping[str, Any]) -> int:
+    """A run's compile prompt + completion tokens from its ``result.json``, counted as :func:`compile_calls` counts
+    calls: those of the calls made, plus those of the calls replayed from an earlier attempt, as the LM reported them
+    then."""
+    total = run["usage"][TOTAL]
+    replayed = (run.get("replayed") or {}).get("compile_tokens") or 0
+    return total["prompt_tokens"] + total["completion_tokens"] + replayed
 
 
 def format_mean_std(mean: float | None, std: float | None, digits: int = 3) -> str:

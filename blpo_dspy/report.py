@@ -59,6 +59,7 @@ USAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("failures", "Failures"),
     ("prompt_tokens", "Prompt tokens"),
     ("completion_tokens", "Completion tokens"),
+    ("replayed_tokens", "Replayed tokens"),
     ("seconds", "Seconds"),
 )
 UNPARSED = "unparsed"
@@ -361,9 +362,10 @@ def _check_result(data: Any, display: str) -> dict[str, Any]:
             value = calls.get(role, 0)
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
             _require(ok, display, f"replayed.compile.{role}", f"bad count {value!r}")
-        value = replayed.get("evaluation", 0)
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        _require(ok, display, "replayed.evaluation", f"bad count {value!r}")
+        for key in ("compile_tokens", "evaluation"):
+            value = replayed.get(key, 0)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            _require(ok, display, f"replayed.{key}", f"bad count {value!r}")
     wall = data.get("wall_seconds")
     _require(isinstance(wall, dict), display, "wall_seconds", "expected an object with compile, evaluate")
     for key in ("compile", "evaluate"):
@@ -983,7 +985,8 @@ def _usage_section(data: RunData) -> Section | None:
     blocks: list[Block] = [
         Paragraph(
             "LM calls per role during the compile. Calls are calls actually made; replayed calls were finished by an "
-            "earlier attempt of the run and read back on resume; cache hits were served from the caches."
+            "earlier attempt of the run and read back on resume (their tokens, as reported when they were made, are "
+            "the replayed tokens); cache hits were served from the caches."
         ),
         Table(header, tuple(rows), (False, *([True] * len(USAGE_COLUMNS)))),
     ]
@@ -1070,7 +1073,7 @@ def _first_line(text: Any, limit: int = 300) -> str:
 
 def _comparison_sections(data: RunData, digits: int, images: Sequence[str]) -> list[Section]:
     """The comparison table, failures, per-run scores and the comparison plots, all from the runs' result.json."""
-    from blpo_dspy.compare import aggregate, compile_calls, table_header, table_rows
+    from blpo_dspy.compare import aggregate, compile_calls, compile_tokens, table_header, table_rows
 
     results = data.results
     groups = _by_optimizer(data)
@@ -1124,7 +1127,7 @@ def _comparison_sections(data: RunData, digits: int, images: Sequence[str]) -> l
         usage = r.get("usage") or {}
         total = usage.get("total") or {}
         tokens = (
-            total["prompt_tokens"] + total["completion_tokens"]
+            compile_tokens(r)
             if _is_number(total.get("prompt_tokens")) and _is_number(total.get("completion_tokens"))
             else None
         )

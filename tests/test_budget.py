@@ -114,14 +114,17 @@ def test_tokens_hits_failures_and_to_dict() -> None:
         "scripted/other": {"prompt_tokens": 5, "completion_tokens": None},
         "not-a-model-entry": 7,
     }
-    ledger.record_tokens("verbalizer", usage)
-    ledger.record_tokens("verbalizer", {"m": {"prompt_tokens": 1, "completion_tokens": 2}})
-    ledger.record_tokens("judge", {})
+    assert ledger.record_tokens("verbalizer", usage) == 125  # the call's prompt + completion tokens, for the journal
+    assert ledger.record_tokens("verbalizer", {"m": {"prompt_tokens": 1, "completion_tokens": 2}}) == 3
+    assert ledger.record_tokens("judge", {}) == 0
     ledger.record_hit("verbalizer")
     ledger.record_hit("verbalizer")
     ledger.record_failure("judge")
     ledger.acquire("judge")
     ledger.acquire("proposer", replay=True)
+    ledger.record_replayed_tokens("proposer", 40)
+    for not_a_count in (None, -5, True, "12", 1.5):  # an old or damaged journal entry counts 0
+        ledger.record_replayed_tokens("proposer", not_a_count)
     ledger.record_time("judge", 0.25)
     ledger.record_time("judge", 1 / 3)
     ledger.record_time("proposer", 2.0)
@@ -135,9 +138,10 @@ def test_tokens_hits_failures_and_to_dict() -> None:
         "prompt_tokens": 106,
         "completion_tokens": 22,
         "seconds": 0.0,
+        "replayed_tokens": 0,
     }
     assert report["judge"] == {**vars(RoleUsage()), "calls": 1, "failures": 1, "seconds": 0.583}
-    assert report["proposer"] == {**vars(RoleUsage()), "replayed": 1, "seconds": 2.0}
+    assert report["proposer"] == {**vars(RoleUsage()), "replayed": 1, "replayed_tokens": 40, "seconds": 2.0}
     assert report[TOTAL] == {
         "calls": 1,
         "replayed": 1,
@@ -146,6 +150,7 @@ def test_tokens_hits_failures_and_to_dict() -> None:
         "prompt_tokens": 106,
         "completion_tokens": 22,
         "seconds": 2.583,
+        "replayed_tokens": 40,
     }
     assert ledger.roles["judge"].seconds == pytest.approx(0.25 + 1 / 3)  # rounded only in the report
     assert set(report) == {*ROLES, TOTAL}

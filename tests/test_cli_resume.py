@@ -187,6 +187,8 @@ def test_killed_compile_resumes_without_repeating_finished_calls(
     for role in ROLES:
         assert usage[role]["calls"] == reference.usage[role]["calls"] - finished[role], role
         assert usage[role]["replayed"] == finished[role], role
+        # the tokens of the replayed calls, journaled when they were made, complete the uninterrupted run's count
+        assert _tokens(usage[role]) + usage[role]["replayed_tokens"] == _tokens(reference.usage[role]), role
     assert resumed.calls_by_role() == {role: usage[role]["calls"] for role in ROLES}
     assert len(resumed.calls) == reference.usage["total"]["calls"] - done
 
@@ -199,6 +201,10 @@ def test_killed_compile_resumes_without_repeating_finished_calls(
         assert before <= expected and after <= expected and before + after >= expected
     run_dir = resumed.run_dir
     assert integrity(run_dir / "cache.sqlite") == integrity(run_dir / "study.db") == "ok"
+
+
+def _tokens(counters: dict[str, Any]) -> int:
+    return counters["prompt_tokens"] + counters["completion_tokens"]
 
 
 HELD_OUT = ("--split-sizes", "train=12,val=8,test=4")  # the same compile, plus a held-out split evaluated after it
@@ -224,6 +230,8 @@ def test_a_kill_during_the_held_out_evaluation_resumes_without_asking_finished_e
     # the compile is replayed, and of the held-out evaluations only what the killed run did not finish is asked
     assert resumed.state()["usage"]["total"]["calls"] == 0
     assert resumed.state()["usage"]["total"]["replayed"] == compile_calls
+    reference_tokens = _tokens(reference.state()["usage"]["total"])
+    assert resumed.state()["usage"]["total"]["replayed_tokens"] == reference_tokens > 0
     assert Counter(c.request for c in killed.calls) + Counter(c.request for c in resumed.calls) == Counter(
         c.request for c in reference.calls
     )

@@ -46,7 +46,7 @@ def _cell(result: CompileResult) -> dict[str, Any]:
 
 def _rows(result: CompileResult) -> dict[str, Any]:
     rows = json.loads((result.run_dir / "compare.json").read_text(encoding="utf-8"))["rows"]
-    return {row["optimizer"]: {key: row[key] for key in ("ok", "metrics", "calls")} for row in rows}
+    return {row["optimizer"]: {key: row[key] for key in ("ok", "metrics", "calls", "tokens")} for row in rows}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CompileRe
     assert result.returncode == 0, result.stderr[-3000:]
     cell = _cell(result)
     assert cell["status"] == "ok" and cell["resumed"] is False
-    assert cell["replayed"] == {"compile": {"verbalizer": 0, "judge": 0, "proposer": 0, "total": 0}, "evaluation": 0}
+    assert cell["replayed"] == {
+        "compile": {"verbalizer": 0, "judge": 0, "proposer": 0, "total": 0},
+        "compile_tokens": 0,
+        "evaluation": 0,
+    }
+    assert cell["usage"]["total"]["prompt_tokens"] > 0  # the scripted LMs report tokens, so the tables count some
     return manifest, result
 
 
@@ -96,9 +101,12 @@ def test_a_killed_compare_resumes_its_unfinished_run_without_asking_finished_cal
     replayed = cell["replayed"]
     if where == "compile":
         assert 0 < replayed["compile"]["total"] < compile_calls and replayed["evaluation"] == 0
+        assert 0 < replayed["compile_tokens"]
     else:
         assert replayed["compile"]["total"] == compile_calls and cell["usage"]["total"]["calls"] == 0
         assert 0 < replayed["evaluation"] < cell["test"]["n"]
-    # the tables count the calls an uninterrupted compile makes (made now + replayed from the killed attempt)
+        total = expected["usage"]["total"]
+        assert replayed["compile_tokens"] == total["prompt_tokens"] + total["completion_tokens"]
+    # the tables count the calls and tokens of an uninterrupted compile (made now + replayed from the killed attempt)
     assert _rows(resumed) == _rows(uninterrupted)
     assert integrity(tmp_path / "out" / CELL / "evaluation.sqlite") == "ok"

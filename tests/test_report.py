@@ -244,11 +244,11 @@ def test_instructions_history_and_usage_come_from_the_run(run: Path) -> None:
 
     usage_table = md_tables(section(md, "Usage"))[0]
     usage = diagnostics["usage_"]
-    keys = ["calls", "replayed", "cache_hits", "failures", "prompt_tokens", "completion_tokens"]
+    keys = ["calls", "replayed", "cache_hits", "failures", "prompt_tokens", "completion_tokens", "replayed_tokens"]
     assert [row[0] for row in usage_table[1:]] == ["verbalizer", "judge", "proposer", "total"]
     for row in usage_table[1:]:
-        assert [int(c) for c in row[1:7]] == [usage[row[0]][k] for k in keys]
-        assert _close(row[7], usage[row[0]]["seconds"])
+        assert [int(c) for c in row[1:8]] == [usage[row[0]][k] for k in keys]
+        assert _close(row[8], usage[row[0]]["seconds"])
     cache = usage["verbalization_cache"]
     assert f"{cache['hits']} hits, {cache['misses']} misses" in md
 
@@ -545,13 +545,20 @@ def test_a_resumed_run_counts_the_calls_it_replayed(tmp_path: Path) -> None:
     folder = tmp_path / "cmp"
     resumed = _result("a", 1, 0.7, calls=12)
     resumed["resumed"] = True
-    resumed["replayed"] = {"compile": {"verbalizer": 0, "judge": 18, "proposer": 0, "total": 18}, "evaluation": 3}
+    replayed_calls = {"verbalizer": 0, "judge": 18, "proposer": 0, "total": 18}
+    resumed["replayed"] = {"compile": replayed_calls, "compile_tokens": 90, "evaluation": 3}
     _write_results(folder, [_result("a", 0, 0.5, calls=30), resumed])
     md = write_report(folder).md.read_text(encoding="utf-8")
     assert md_tables(section(md, "Comparison"))[0][1][4] == "30.0"  # LM calls: mean of 30 and 12 + 18
     runs = md_tables(section(md, "Runs"))[0]
     assert [row[5] for row in runs[1:]] == ["30", "30"]
-    for bad, field in (({"compile": {"judge": -1}}, "replayed.compile.judge"), ({"compile": []}, "replayed.compile")):
+    assert [row[6] for row in runs[1:]] == ["152", "152"]  # tokens: 5 x 30 + 2, and 5 x 12 + 2 made + 90 replayed
+    bad_fields = (
+        ({"compile": {"judge": -1}}, "replayed.compile.judge"),
+        ({"compile": []}, "replayed.compile"),
+        ({"compile": {}, "compile_tokens": "90"}, "replayed.compile_tokens"),
+    )
+    for bad, field in bad_fields:
         resumed["replayed"] = bad
         _write_results(folder, [resumed])
         with pytest.raises(ReportError, match=rf"seed-1/result\.json: field '{re.escape(field)}'"):

@@ -132,13 +132,17 @@ class ProgramCalls:
         with self._locks_guard:
             self._seen_journal_keys.add(key)
 
-    def _charge_replay_or_hit(self, role: str, key: str, made_in_this_run: bool) -> bool:
-        """Account a stored result: replayed (earlier attempt of this run) or a plain cache hit."""
+    def _charge_replay_or_hit(self, role: str, key: str, made: Mapping[str, Any] | None) -> bool:
+        """Account a stored result: replayed (its journal entry ``made`` says an earlier attempt of this run made the
+        call; its journaled tokens are counted too) or a plain cache hit."""
         with self._locks_guard:
             first = key not in self._seen_journal_keys
             self._seen_journal_keys.add(key)
-        if made_in_this_run and first:
-            return self.ledger.acquire(role, replay=True)
+        if made is not None and first:
+            if not self.ledger.acquire(role, replay=True):
+                return False
+            self.ledger.record_replayed_tokens(role, made.get("tokens"))
+            return True
         self.ledger.record_hit(role)
         return True
 
@@ -154,7 +158,7 @@ class ProgramCalls:
             with self._single_flight("v:" + key):
                 cached = self.vcache.get(key)
                 if cached is not None:
-                    made = self.journal.get("verbalization_made", key) is not None
+                    made = self.journal.get("verbalization_made", key)
                     if not self._charge_replay_or_hit("verbalizer", key, made):
                         return "budget"
                     out[desc_field] = cached
@@ -167,7 +171,7 @@ class ProgramCalls:
                 try:
                     with dspy.context(lm=self.verbalizer_lm), dspy.track_usage() as usage:
                         description = predictor(image=image, **text).description
-                    self.ledger.record_tokens("verbalizer", usage.get_total_tokens())
+                    tokens = self.ledger.record_tokens("verbalizer", usage.get_total_tokens())
                 except Exception as exc:
                     self.ledger.record_failure("verbalizer")
                     self.ledger.record_time("verbalizer", time.perf_counter() - began)
@@ -177,7 +181,7 @@ class ProgramCalls:
                 if not isinstance(description, str) or not description.strip():
                     self.ledger.record_failure("verbalizer")
                     return None
-                self.journal.put("verbalization_made", key, {})
+                self.journal.put("verbalization_made", key, {"tokens": tokens})
                 self.vcache.put(
                     key, description, image_sha256=digest, instruction=q, model=lm_identity(self.verbalizer_lm)["model"]
                 )
@@ -192,7 +196,7 @@ class ProgramCalls:
         with self._single_flight("j:" + key):
             stored = self.journal.get("judge", key)
             if stored is not None:
-                if not self._charge_replay_or_hit("judge", key, True):
+                if not self._charge_replay_or_hit("judge", key, stored):
                     return JudgeRecord(label=None, error="budget", budget=True)
                 label = self.task.parse_label(stored["raw_label"])
                 if label is None:
@@ -210,13 +214,12 @@ class ProgramCalls:
             with dspy.context(lm=self.judge_lm), dspy.track_usage() as usage:
                 result = judge.run(inputs)
             self.ledger.record_time("judge", time.perf_counter() - began)
-            self.ledger.record_tokens("judge", usage.get_total_tokens())
+            tokens = self.ledger.record_tokens("judge", usage.get_total_tokens())
             if result.label is None:
                 self.ledger.record_failure("judge")
             if result.raw_label is not None:  # the call finished: journal it (failed calls are retried on resume)
-                self.journal.put(
-                    "judge", key, {"raw_label": result.raw_label, "rationale": result.rationale, "error": result.error}
-                )
+                entry = {"raw_label": result.raw_label, "rationale": result.rationale, "error": result.error}
+                self.journal.put("judge", key, {**entry, "tokens": tokens})
             return JudgeRecord(result.label, result.raw_label, result.rationale, result.error, dict(descriptions))
 
     def predict(self, example: dspy.Example, candidate: Candidate) -> JudgeRecord:
@@ -300,7 +303,7 @@ class ProgramCalls:
         key = content_key(kind, inputs, lm_identity(self.proposer_lm))
         stored = self.journal.get("proposer", key)
         if stored is not None:
-            if not self._charge_replay_or_hit("proposer", key, True):
+            if not self._charge_replay_or_hit("proposer", key, stored):
                 raise BudgetExhaustedError("LM call budget reached (proposer)")
             return stored["text"]
         if not self.ledger.acquire("proposer"):
@@ -314,7 +317,7 @@ class ProgramCalls:
                         item.format()  # reads and checks the file now; the adapter reuses the cached result
             with dspy.context(lm=self.proposer_lm), dspy.track_usage() as usage:
                 answer = dspy.Predict(signature)(**inputs).new_instruction
-            self.ledger.record_tokens("proposer", usage.get_total_tokens())
+            tokens = self.ledger.record_tokens("proposer", usage.get_total_tokens())
             self.ledger.record_time("proposer", time.perf_counter() - began)
         except Exception as exc:
             self.ledger.record_time("proposer", time.perf_counter() - began)
@@ -325,7 +328,7 @@ class ProgramCalls:
         if text is None:
             self.ledger.record_failure("proposer")
             return None
-        self.journal.put("proposer", key, {"text": text})
+        self.journal.put("proposer", key, {"text": text, "tokens": tokens})
         return text
 
     def _judge_for(self, p: str) -> Judge:
