@@ -14,6 +14,7 @@ from typing import Any
 import dspy
 import pytest
 from PIL import Image as PILImage
+from together import run_together
 
 from blpo_dspy.cache import CallJournal, SQLiteStore, VerbalizationCache, content_key, lm_identity
 from blpo_dspy.images import image_sha256
@@ -220,17 +221,8 @@ def _open_new_files_together(directory: str, worker: int, rounds: int, barrier: 
 def test_processes_opening_one_new_file_at_once_all_open_it(tmp_path: Path) -> None:
     """Switching a new file to WAL mode is refused at once (no busy wait) while another process holds it: a worker
     started beside others died with "database is locked" before the retry."""
-    context = multiprocessing.get_context("spawn")
     n, rounds = 4, 5
-    barrier = context.Barrier(n)
-    workers = [
-        context.Process(target=_open_new_files_together, args=(str(tmp_path), w, rounds, barrier)) for w in range(n)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-    assert [w.exitcode for w in workers] == [0] * n
+    assert run_together(_open_new_files_together, tmp_path, n, rounds) == [0] * n
     for r in range(rounds):
         path = tmp_path / f"round-{r}" / "cache.sqlite"
         assert CallJournal(path).store.count("judge") == n

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import sqlite3
 import subprocess
@@ -15,6 +14,7 @@ from typing import Any
 import dspy
 import optuna
 import pytest
+from together import run_together
 
 from blpo_dspy.modules import ImageJudge
 from blpo_dspy.teleprompt import BLPO
@@ -217,19 +217,10 @@ def _open_new_storages_together(directory: str, worker: int, rounds: int, barrie
 def test_processes_opening_one_new_study_storage_at_once_all_open_it(tmp_path: Path) -> None:
     """Optuna creates a new database's tables and stamps their version without a guard: processes opening one new
     SQLite storage together failed with 'table ... already exists' or a UNIQUE constraint before the schema lock."""
-    context = multiprocessing.get_context("spawn")
     n, rounds = 3, 4
     for r in range(rounds):
         (tmp_path / f"round-{r}").mkdir()
-    barrier = context.Barrier(n)
-    workers = [
-        context.Process(target=_open_new_storages_together, args=(str(tmp_path), w, rounds, barrier)) for w in range(n)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=180)
-    assert [w.exitcode for w in workers] == [0] * n
+    assert run_together(_open_new_storages_together, tmp_path, n, rounds) == [0] * n
     for r in range(rounds):
         url = f"sqlite:///{tmp_path / f'round-{r}' / 'study.db'}"
         assert sorted(optuna.get_all_study_names(url)) == [f"worker-{w}" for w in range(n)]
