@@ -11,6 +11,7 @@ compiled program on the same held-out test split, and writes::
                                        ok/failed (+ error text)
         program.json                   the compiled program (ok runs)
         optimizer/                     BLPO-family run directory (state, study, cache)
+        optimizer.discarded/           an unfinished attempt that could not be resumed (kept, not deleted)
         evaluation.sqlite              journal of the held-out evaluation (answers and verbalizations)
       compare.json  compare.csv  compare.md   mean ± std over seeds per optimizer
 
@@ -578,7 +579,7 @@ def _compile(
     """Build the run's optimizer and compile the student; record its settings and whether it resumed in ``result``.
 
     An unfinished attempt that cannot be resumed (its run directory was made with other data, seed or models) is
-    discarded with a warning, and the run starts again.
+    moved aside to ``optimizer.discarded/`` (replacing an earlier one there) with a warning, and the run starts again.
     """
 
     def attempt(context: OptimizerContext) -> dspy.Module:
@@ -591,8 +592,16 @@ def _compile(
         try:
             return attempt(context)
         except ResumeError as exc:
-            logger.warning("compare: %s seed %d cannot resume (%s); starting it again", context.name, context.seed, exc)
-            shutil.rmtree(context.run_dir)
+            aside = context.run_dir.with_name(context.run_dir.name + ".discarded")
+            logger.warning(
+                "compare: %s seed %d cannot resume (%s); starting it again (the unfinished attempt is kept in %s/)",
+                context.name,
+                context.seed,
+                exc,
+                aside.name,
+            )
+            shutil.rmtree(aside, ignore_errors=True)
+            context.run_dir.rename(aside)
             context = replace(context, resume=False)
     return attempt(context)
 

@@ -262,6 +262,8 @@ def test_an_unfinished_run_that_cannot_be_resumed_starts_again(
     assert run["replayed"]["compile"]["total"] == 0
     assert len(world.engine.calls) - made == run["usage"]["total"]["calls"] + run["evaluation_usage"]["total"]["calls"]
     assert json.loads((cell / "optimizer" / "state.json").read_text())["status"] == "finished"
+    # the attempt it could not resume is kept aside, not deleted (its state still names the first data)
+    assert (cell / "optimizer.discarded" / "state.json").exists() and "optimizer.discarded/" in caplog.text
 
 
 def test_run_compare_splits_examples_and_validates(tmp_path: Path) -> None:

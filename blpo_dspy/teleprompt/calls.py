@@ -219,7 +219,8 @@ class ProgramCalls:
                 self.ledger.record_failure("judge")
             if result.raw_label is not None:  # the call finished: journal it (failed calls are retried on resume)
                 entry = {"raw_label": result.raw_label, "rationale": result.rationale, "error": result.error}
-                self.journal.put("judge", key, {**entry, "tokens": tokens})
+                entry["tokens"] = tokens
+                self.journal.put("judge", key, entry)
             return JudgeRecord(result.label, result.raw_label, result.rationale, result.error, dict(descriptions))
 
     def predict(self, example: dspy.Example, candidate: Candidate) -> JudgeRecord:

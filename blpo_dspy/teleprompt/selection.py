@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from blpo_dspy.cache import SQLITE_TIMEOUT_S
+
 if TYPE_CHECKING:
     import optuna
 
@@ -48,7 +50,6 @@ def import_optuna() -> Any:
 _STORAGES: collections.OrderedDict[str, tuple[Any, tuple[int, int] | None]] = collections.OrderedDict()
 _STORAGES_LOCK = threading.Lock()
 MAX_OPEN_STORAGES = 8
-SQLITE_TIMEOUT_S = 60.0
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
